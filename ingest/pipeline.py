@@ -1,0 +1,583 @@
+"""The ingest graph: discover inputs, read them in Ray tasks (``flat_map``), deduplicate, write Parquet shards.
+
+Accounting is per input file: every discovered file ends either ingested (its images written, or dropped as
+duplicates of images already written) or quarantined with a reason, so ``discovered == ingested + quarantined``.
+
+Reading and encoding, the costly part, run in parallel Ray tasks; the driver streams their rows in input order
+(``preserve_order``) into shards, which gives deterministic shard names and contents and one place to deduplicate.
+Shards are written under ``OUT/_staging-*`` (hidden from Parquet readers) and moved into place before the manifest,
+which is written last: a crash leaves the previous output as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ingest import dicom, image, npz, wsi
+from ingest.deid import Pseudonymizer, load_key, scrub_message
+from ingest.labels import LabelRow, parse_labels, patient_split
+from ingest.schema import INGEST_VERSION, QUARANTINE_SCHEMA, ROW_SCHEMA, Image, encode_image, pixel_sha256
+from mermed import storage
+from mermed.config import IngestConfig
+
+log = logging.getLogger("mermed.ingest")
+
+MANIFEST = "_manifest.json"
+QUARANTINE = "_quarantine.parquet"
+
+# Folder names (any component of a file's path below its input root) that name a modality.
+FOLDER_MODALITY = {
+    "ct": "CT",
+    "cxr": "CXR",
+    "xray": "CXR",
+    "x-ray": "CXR",
+    "chest_xray": "CXR",
+    "us": "US",
+    "ultrasound": "US",
+    "path": "PATH",
+    "pathology": "PATH",
+    "histology": "PATH",
+    "wsi": "PATH",
+    "cfp": "CFP",
+    "fundus": "CFP",
+    "oct": "OCT",
+    "derm": "DERM",
+    "dermatology": "DERM",
+    "skin": "DERM",
+}
+DICOM_EXTENSIONS = {".dcm", ".dicom", ".ima", ""}
+SLIDE_EXTENSIONS = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+TIFF_EXTENSIONS = {".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
+NPZ_EXTENSIONS = {".npz"}
+_ERROR_COLUMNS = ("_status", "_input", "_stage", "_error_class", "_message")
+
+
+class IngestError(RuntimeError):
+    """A run that cannot start (no key, bad label file, no input); raised before any file is read."""
+
+
+@dataclass
+class InputFile:
+    """One discovered file; ``rel`` is its path below its input root (what ``source`` pseudonymises)."""
+
+    index: int
+    uri: str
+    rel: str
+    kind: str  # dicom | slide | tiff | image | npz | unsupported | outside_root
+    modality: str | None
+    label: LabelRow | None = None
+
+
+@dataclass
+class Unit:
+    """Files read by one task: one file, or a directory's DICOM files (so a series is ordered as a whole)."""
+
+    kind: str
+    files: list[InputFile] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+
+
+def _kind_of(rel: str) -> str:
+    ext = posixpath.splitext(rel)[1].lower()
+    if ext in SLIDE_EXTENSIONS:
+        return "slide"
+    if ext in TIFF_EXTENSIONS:
+        return "tiff"
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in NPZ_EXTENSIONS:
+        return "npz"
+    if ext in DICOM_EXTENSIONS:
+        return "dicom"
+    return "unsupported"
+
+
+def modality_from_path(rel: str) -> str | None:
+    """The modality named by the deepest folder of ``rel`` that names one (``fundus/``, ``ct/``...)."""
+    for part in reversed(rel.lower().split("/")[:-1]):
+        if part in FOLDER_MODALITY:
+            return FOLDER_MODALITY[part]
+    stem = posixpath.basename(rel).lower()
+    for alias, modality in FOLDER_MODALITY.items():  # MedMNIST files carry the modality in their name
+        if stem.startswith(f"{alias}mnist") or stem.startswith(f"{alias}_"):
+            return modality
+    return None
+
+
+def _walk(fs, root: str) -> Iterator[tuple[str, str]]:
+    """(full path, path relative to root) of every non-hidden file under ``root`` (or ``root`` itself)."""
+    if fs.isfile(root):
+        yield root, posixpath.basename(root)
+        return
+    for path in sorted(fs.find(root, withdirs=False)):
+        rel = posixpath.relpath(path, root) if not storage.is_remote(root) else path[len(root) :].lstrip("/")
+        rel = rel.replace(os.sep, "/")
+        if any(part.startswith((".", "_")) for part in rel.split("/")):
+            continue  # hidden files and our own outputs (_manifest.json...) are not inputs
+        yield path, rel
+
+
+def _inside_root(fs, path: str, root: str) -> bool:
+    """Refuse symlinks and ``..`` that lead out of the input root (local files; object stores have no links)."""
+    if storage.is_remote(root):
+        return True
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def discover(
+    inputs: list[str], cfg: IngestConfig, labels: dict[str, LabelRow], exclude: set[str]
+) -> tuple[list[InputFile], list[Unit], int]:
+    """List every input file, decide its reader and modality hint, group DICOM files by directory."""
+    files: list[InputFile] = []
+    for src in inputs:
+        fs, root = storage.filesystem(src)
+        if not fs.exists(root):
+            raise IngestError(f"input {src} does not exist")
+        base = root if not fs.isfile(root) else posixpath.dirname(root)
+        for path, rel in _walk(fs, root):
+            uri = storage.to_uri(fs, path)
+            if uri in exclude or path in exclude:
+                continue
+            kind = _kind_of(rel) if _inside_root(fs, path, base) else "outside_root"
+            label = labels.get(rel)
+            modality = None if cfg.modality == "auto" else cfg.modality
+            modality = modality or (label.modality if label else None) or modality_from_path(rel)
+            files.append(InputFile(len(files), uri, rel, kind, modality, label))
+    matched = sum(1 for f in files if f.label is not None)
+    units: list[Unit] = []
+    dicom_dirs: dict[str, Unit] = {}
+    for f in files:
+        if f.kind == "dicom":
+            unit = dicom_dirs.get(posixpath.dirname(f.uri))
+            if unit is None:
+                unit = dicom_dirs[posixpath.dirname(f.uri)] = Unit("dicom")
+                units.append(unit)
+            unit.files.append(f)
+        else:
+            units.append(Unit(f.kind, [f]))
+    return files, units, len(labels) - matched
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ReadContext:
+    """What every read task needs; pickled into the tasks (the key travels inside the Pseudonymizer)."""
+
+    cfg: IngestConfig
+    pseudonymize: Pseudonymizer
+    fs: object  # the fsspec filesystem of the inputs (inputs of one run share a protocol)
+
+
+def _reader_for(kind: str, local_path: str, modality: str | None):
+    if kind == "dicom":
+        return dicom.read
+    if kind == "slide" or (kind == "tiff" and (modality == "PATH" or wsi.is_slide(local_path))):
+        return wsi.read
+    if kind in ("tiff", "image"):
+        return image.read
+    if kind == "npz":
+        return npz.read
+    raise AssertionError(kind)
+
+
+# Every block the read step emits has this schema: the shard row plus what the driver needs for accounting.
+READ_SCHEMA = pa.schema(
+    list(ROW_SCHEMA)
+    + [
+        pa.field("_input", pa.int64()),
+        pa.field("_status", pa.string()),
+        pa.field("_stage", pa.string()),
+        pa.field("_error_class", pa.string()),
+        pa.field("_message", pa.string()),
+    ]
+)
+_NOT_READ = {
+    "unsupported": ("UnsupportedFormat", "file type not supported (expected DICOM, slide, image or npz)"),
+    "outside_root": ("PathOutsideRoot", "path leads outside the input root (symlink or ..); refused"),
+}
+
+
+def _failure(f: InputFile, ctx: ReadContext, stage: str, error_class: str, message: str) -> dict:
+    return {
+        "_input": f.index,
+        "_status": "failed",
+        "_stage": stage,
+        "_error_class": error_class,
+        "_message": message,
+        "source": ctx.pseudonymize.source(f.rel),
+    }
+
+
+def _exception_failure(f: InputFile, ctx: ReadContext, stage: str, err: BaseException, local: str) -> dict:
+    """A failure row for an exception, its message scrubbed of the input's path and name."""
+    name = posixpath.basename(f.rel)
+    hide = [f.uri, f.rel, name, posixpath.splitext(name)[0], local]
+    message = scrub_message(str(err) or type(err).__name__, hide)
+    return _failure(f, ctx, getattr(err, "stage", stage), type(err).__name__, message)
+
+
+def _row(f: InputFile, img: Image, ctx: ReadContext) -> dict:
+    cfg, pseud = ctx.cfg, ctx.pseudonymize
+    label = f.label
+    patient = pseud.patient((label.patient_id if label else None) or img.patient_key)
+    source = pseud.source(f.rel)
+    split = (label.split if label else None) or img.split
+    split = split or patient_split(patient or source, cfg.val_fraction, cfg.test_fraction)
+    pixels = img.pixels
+    return {
+        "_input": f.index,
+        "_status": "ok",
+        "image": encode_image(pixels, img.encoding or cfg.image_format, cfg.jpeg_quality),
+        "height": pixels.shape[0],
+        "width": pixels.shape[1],
+        "channels": 1 if pixels.ndim == 2 else pixels.shape[2],
+        "modality": img.modality,
+        "dataset": cfg.dataset,
+        "source": source,
+        "frame": img.frame,
+        "tile_x": img.tile_x,
+        "tile_y": img.tile_y,
+        "tile_level": img.tile_level,
+        "mpp": img.mpp,
+        "patient_id": patient,
+        "study_id": pseud.study(img.study_key),
+        "label": (label.label if label else None) or img.label,
+        "split": split,
+        "pixel_sha256": pixel_sha256(pixels),
+        "ingest_version": INGEST_VERSION,
+    }
+
+
+def _fetch(f: InputFile, ctx: ReadContext, tmp: str, n: int) -> str:
+    """A local path for the file: itself, or a temporary copy of an object-store input."""
+    if not storage.is_remote(f.uri):
+        return f.uri
+    local = os.path.join(tmp, f"{n}{posixpath.splitext(f.rel)[1]}")
+    ctx.fs.get(storage.filesystem(f.uri)[1], local)
+    return local
+
+
+def read_unit(unit: Unit, ctx: ReadContext) -> list[dict]:
+    """Read one unit into rows, plus one failure row per file that could not be ingested.
+
+    A file either contributes all its images or none (a failure halfway drops what it had produced).
+    """
+    out: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="mermed-") as tmp:
+        readable: list[tuple[InputFile, str]] = []
+        for f in unit.files:
+            if f.kind in _NOT_READ:
+                out.append(_failure(f, ctx, "discover", *_NOT_READ[f.kind]))
+            elif f.modality is None and unit.kind != "dicom":
+                out.append(
+                    _failure(
+                        f,
+                        ctx,
+                        "discover",
+                        "UnknownModality",
+                        "modality unknown: pass --modality, a label CSV modality or a modality folder",
+                    )
+                )
+            else:
+                try:
+                    readable.append((f, _fetch(f, ctx, tmp, len(readable))))
+                except Exception as err:  # noqa: BLE001 - every failure becomes a quarantine row
+                    out.append(_exception_failure(f, ctx, "fetch", err, ""))
+        if not readable:
+            return out
+        paths = [local for _, local in readable]
+        hints = {f.modality for f, _ in readable}
+        modality = hints.pop() if len(hints) == 1 else None  # DICOM: None lets each header decide
+        try:
+            reader = _reader_for(unit.kind, paths[0], modality)
+        except Exception as err:  # noqa: BLE001 - e.g. format detection on an unreadable file
+            return out + [_exception_failure(f, ctx, "open", err, local) for f, local in readable]
+        produced: dict[int, list[dict]] = {i: [] for i in range(len(readable))}
+        failed: dict[int, dict] = {}
+        for i, result in reader(paths, modality, ctx.cfg):
+            f, local = readable[i]
+            if i in failed:
+                continue
+            if isinstance(result, Exception):
+                failed[i] = _exception_failure(f, ctx, "read", result, local)
+                continue
+            try:
+                produced[i].append(_row(f, result, ctx))
+            except Exception as err:  # noqa: BLE001
+                failed[i] = _exception_failure(f, ctx, "encode", err, local)
+        for i, (f, _) in enumerate(readable):
+            if i in failed:
+                out.append(failed[i])
+            elif not produced[i]:
+                out.append(
+                    _failure(
+                        f, ctx, "read", "NoImages", "the input produced no image (e.g. no tissue found on a slide)"
+                    )
+                )
+            else:
+                out.extend(produced[i])
+    return out
+
+
+def _unit_to_json(unit: Unit) -> str:
+    return json.dumps(asdict(unit))
+
+
+def _unit_from_json(text: str) -> Unit:
+    data = json.loads(text)
+    files = [InputFile(**{**f, "label": LabelRow(**f["label"]) if f["label"] else None}) for f in data["files"]]
+    return Unit(data["kind"], files)
+
+
+def _read_batch(batch: dict, ctx: ReadContext) -> pa.Table:
+    """The read step: units in, a typed Arrow block of their rows out (a slide fans out into many tiles).
+
+    ``map_batches`` with one unit per batch rather than ``flat_map``: a typed block keeps the column types when it
+    holds only failures (all-null image columns), and no Python dict is built per tile on the way out.
+    """
+    rows = [row for text in batch["unit"] for row in read_unit(_unit_from_json(str(text)), ctx)]
+    return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Rolls zstd Parquet shards of about ``shard_bytes`` per modality, with deterministic names."""
+
+    def __init__(self, fs, staging: str, cfg: IngestConfig) -> None:
+        self.fs, self.staging, self.cfg = fs, staging, cfg
+        self._open: dict[str, tuple[pq.ParquetWriter, object, int]] = {}
+        self._count: Counter[str] = Counter()
+        self.written: list[str] = []  # shard paths relative to the output root
+        self.bytes = 0
+
+    def write(self, table: pa.Table) -> None:
+        for modality in sorted(set(table.column("modality").to_pylist())):
+            part = table.filter(pa.compute.equal(table.column("modality"), modality))
+            writer, handle, size = self._open.get(modality) or self._start(modality)
+            writer.write_table(part, row_group_size=self.cfg.row_group_rows)
+            size += sum(len(b) for b in part.column("image").to_pylist())
+            self._open[modality] = (writer, handle, size)
+            if size >= self.cfg.shard_bytes:
+                self._close(modality)
+
+    def _start(self, modality: str):
+        rel = f"modality={modality}/part-{self._count[modality]:05d}.parquet"
+        self._count[modality] += 1
+        path = posixpath.join(self.staging, rel)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        handle = self.fs.open(path, "wb")
+        writer = pq.ParquetWriter(handle, ROW_SCHEMA, compression="zstd", write_statistics=False)
+        self.written.append(rel)
+        return writer, handle, 0
+
+    def _close(self, modality: str) -> None:
+        writer, handle, _ = self._open.pop(modality)
+        writer.close()
+        handle.close()
+
+    def close(self) -> None:
+        for modality in list(self._open):
+            self._close(modality)
+        self.bytes = sum(self.fs.size(posixpath.join(self.staging, rel)) for rel in self.written)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class IngestResult:
+    output: str
+    manifest: dict
+    skipped: bool = False
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"mermed": INGEST_VERSION}
+    for dist in ("ray", "pyarrow", "pydicom", "openslide-python", "openslide-bin", "pillow", "numpy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _inputs_hash(inputs: list[str], files: list[InputFile], labels_text: str) -> str:
+    h = hashlib.sha256(labels_text.encode())
+    for src in inputs:
+        fs, root = storage.filesystem(src)
+        for f in files:
+            h.update(f.rel.encode())
+        info = {
+            p: (d.get("size"), d.get("mtime") or d.get("LastModified") or d.get("ETag"))
+            for p, d in (fs.find(root, detail=True).items() if fs.isdir(root) else [(root, fs.info(root))])
+        }
+        h.update(json.dumps(sorted((k, str(v)) for k, v in info.items())).encode())
+    return h.hexdigest()
+
+
+def _read_manifest(fs, out: str) -> dict | None:
+    path = posixpath.join(out, MANIFEST)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as fh:
+        return json.loads(fh.read())
+
+
+def run_ingest(
+    inputs: list[str],
+    output: str,
+    cfg: IngestConfig,
+    *,
+    labels_csv: str | None = None,
+    key: bytes | None = None,
+    force: bool = False,
+) -> IngestResult:
+    """Ingest ``inputs`` (local paths or s3:// URIs) into ``output``; see the module docstring."""
+    import ray
+
+    if not inputs:
+        raise IngestError("no --input given")
+    pseud = Pseudonymizer(key if key is not None else load_key())
+    labels_text = ""
+    if labels_csv:
+        lfs, lpath = storage.filesystem(labels_csv)
+        with lfs.open(lpath, "rb") as fh:
+            labels_text = fh.read().decode("utf-8-sig")
+    labels = parse_labels(labels_text, name="label CSV") if labels_csv else {}
+    out_fs, out = storage.filesystem(output)
+    exclude = {labels_csv} if labels_csv else set()
+    if labels_csv:
+        exclude.add(storage.filesystem(labels_csv)[1])
+    files, units, unmatched = discover(inputs, cfg, labels, exclude)
+    if not files:
+        raise IngestError("no input file found under the given --input paths")
+
+    config_hash = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
+    inputs_hash = _inputs_hash(inputs, files, labels_text)
+    previous = _read_manifest(out_fs, out)
+    if (
+        not force
+        and previous
+        and previous.get("config_hash") == config_hash
+        and previous.get("inputs_hash") == inputs_hash
+        and previous.get("versions", {}).get("mermed") == INGEST_VERSION
+    ):
+        log.info("ingest: %s is up to date (%d rows); nothing to do", output, previous["rows"])
+        return IngestResult(output, previous, skipped=True)
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    log.info("ingest: %d files in %d read tasks", len(files), len(units))
+    ctx = ReadContext(cfg, pseud, storage.filesystem(inputs[0])[0])
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_items(
+        [{"unit": _unit_to_json(u)} for u in units], override_num_blocks=max(1, min(len(units), 200))
+    )
+    ds = ds.map_batches(_read_batch, fn_kwargs={"ctx": ctx}, batch_size=1, batch_format="numpy")
+
+    staging = posixpath.join(out, f"_staging-{uuid.uuid4().hex[:12]}")
+    writer = ShardWriter(out_fs, staging, cfg)
+    seen: set[str] = set()
+    duplicates = 0
+    failed_rows: list[dict] = []
+    modalities: Counter[str] = Counter()
+    splits: Counter[str] = Counter()
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
+            failed = pa.compute.equal(batch.column("_status"), "failed")
+            failed_rows.extend(batch.filter(failed).select(["source", *_ERROR_COLUMNS[1:]]).to_pylist())
+            ok = batch.filter(pa.compute.invert(failed))
+            keep = []
+            for i, digest in enumerate(ok.column("pixel_sha256").to_pylist()):
+                if cfg.deduplicate and digest in seen:
+                    duplicates += 1
+                    continue
+                seen.add(digest)
+                keep.append(i)
+            if keep:
+                table = ok.take(keep).select([c.name for c in ROW_SCHEMA])
+                modalities.update(table.column("modality").to_pylist())
+                splits.update(table.column("split").to_pylist())
+                writer.write(table)
+        writer.close()
+        quarantined = sorted({r["_input"] for r in failed_rows})
+        manifest = {
+            "discovered": len(files),
+            "ingested": len(files) - len(quarantined),
+            "quarantined": len(quarantined),
+            "duplicates": duplicates,
+            "rows": sum(modalities.values()),
+            "modalities": dict(sorted(modalities.items())),
+            "splits": dict(sorted(splits.items())),
+            "bytes": writer.bytes,
+            "shards": writer.written,
+            "labels_unmatched": unmatched,
+            "dataset": cfg.dataset,
+            "versions": _versions(),
+            "config_hash": config_hash,
+            "inputs_hash": inputs_hash,
+            "started": started,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _commit(out_fs, out, staging, writer.written, failed_rows, manifest, previous)
+    finally:
+        if out_fs.exists(staging):
+            out_fs.rm(staging, recursive=True)
+    log.info(
+        "ingest: %d discovered, %d ingested, %d quarantined, %d rows, %d duplicates",
+        manifest["discovered"],
+        manifest["ingested"],
+        manifest["quarantined"],
+        manifest["rows"],
+        duplicates,
+    )
+    return IngestResult(output, manifest)
+
+
+def _commit(
+    fs, out: str, staging: str, shards: list[str], failed: list[dict], manifest: dict, previous: dict | None
+) -> None:
+    """Move the new shards into place, write the quarantine table, then the manifest last."""
+    stale = set(previous.get("shards", [])) if previous else set()
+    stale |= {posixpath.relpath(p, out) for p in fs.glob(posixpath.join(out, "modality=*", "part-*.parquet"))}
+    for rel in sorted(stale - set(shards)):
+        fs.rm(posixpath.join(out, rel))
+    for rel in shards:
+        dest = posixpath.join(out, rel)
+        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+        fs.mv(posixpath.join(staging, rel), dest)
+    rows = sorted(
+        (
+            {"source": r["source"], "stage": r["_stage"], "error_class": r["_error_class"], "message": r["_message"]}
+            for r in failed
+        ),
+        key=lambda r: (r["source"], r["stage"]),
+    )
+    with fs.open(posixpath.join(out, QUARANTINE), "wb") as fh:
+        pq.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), fh, compression="zstd")
+    tmp = posixpath.join(out, f"_manifest.tmp-{uuid.uuid4().hex[:8]}")
+    with fs.open(tmp, "wb") as fh:
+        fh.write(json.dumps(manifest, indent=2, sort_keys=False).encode())
+    fs.mv(tmp, posixpath.join(out, MANIFEST))
