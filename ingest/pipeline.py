@@ -19,6 +19,7 @@ import posixpath
 import tempfile
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -282,7 +283,10 @@ def read_unit(unit: Unit, ctx: ReadContext) -> list[dict]:
     A file either contributes all its images or none (a failure halfway drops what it had produced).
     """
     out: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="mermed-") as tmp:
+    # Library warnings quote file paths and header values (pydicom: "... in file <path>"); none may reach a log.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="mermed-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         readable: list[tuple[InputFile, str]] = []
         for f in unit.files:
             if f.kind in _NOT_READ:
@@ -503,7 +507,7 @@ def run_ingest(
     duplicates = 0
     failed_rows: list[dict] = []
     modalities: Counter[str] = Counter()
-    splits: Counter[str] = Counter()
+    splits: Counter[tuple[str, str]] = Counter()  # (modality, split) -> rows
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
             failed = pa.compute.equal(batch.column("_status"), "failed")
@@ -519,7 +523,7 @@ def run_ingest(
             if keep:
                 table = ok.take(keep).select([c.name for c in ROW_SCHEMA])
                 modalities.update(table.column("modality").to_pylist())
-                splits.update(table.column("split").to_pylist())
+                splits.update(zip(table.column("modality").to_pylist(), table.column("split").to_pylist(), strict=True))
                 writer.write(table)
         writer.close()
         quarantined = sorted({r["_input"] for r in failed_rows})
@@ -530,7 +534,7 @@ def run_ingest(
             "duplicates": duplicates,
             "rows": sum(modalities.values()),
             "modalities": dict(sorted(modalities.items())),
-            "splits": dict(sorted(splits.items())),
+            "splits": {m: {sp: n for (mm, sp), n in sorted(splits.items()) if mm == m} for m in sorted(modalities)},
             "bytes": writer.bytes,
             "shards": writer.written,
             "labels_unmatched": unmatched,

@@ -40,7 +40,14 @@ def ingest(
 
     setup_logging(verbose)
     try:
-        overrides = {k: v for k, v in {"dataset": dataset, "modality": modality.upper()}.items() if v}
+        overrides = {
+            k: v
+            for k, v in {
+                "dataset": dataset,
+                "modality": modality if modality.lower() == "auto" else modality.upper(),
+            }.items()
+            if v
+        }
         cfg = load_config(IngestConfig, config, overrides) if config else parse_config(IngestConfig, overrides)
         key = load_key(key_file)
     except (ConfigError, MissingKeyError, OSError) as err:
@@ -70,6 +77,89 @@ def trace(
         typer.echo(Pseudonymizer(load_key(key_file)).source(path.lstrip("./")))
     except MissingKeyError as err:
         _fail(str(err))
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Path, typer.Option(help="YAML PretrainConfig, e.g. configs/pretrain_tiny.yaml")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="ingest output (local or s3://); repeatable")],
+    storage: Annotated[str, typer.Option(help="folder or s3:// prefix for checkpoints and the encoder")],
+    name: Annotated[str, typer.Option(help="run name: outputs go to STORAGE/NAME; the same name resumes")],
+    steps: Annotated[int | None, typer.Option(help="override run.steps")] = None,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (one per GPU with --gpus)")] = 1,
+    gpus: Annotated[bool, typer.Option("--gpus", help="one GPU per worker")] = False,
+    include_test: Annotated[bool, typer.Option("--include-test", help="also train on rows of the test split")] = False,
+    max_failures: Annotated[int, typer.Option(help="worker-group restarts before the run fails")] = 3,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Self-supervised MerMED-FM pretraining (DINO + memory) on Ray Train."""
+    from mermed.config import PretrainConfig
+    from mermed.tracking import ui_command
+    from pipelines.common import init_ray, setup_logging
+
+    setup_logging(verbose)
+    overrides = {"run.steps": steps} if steps else {}
+    try:
+        cfg = load_config(PretrainConfig, config, overrides)
+    except (ConfigError, OSError) as err:
+        _fail(str(err))
+    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        _fail("--name may hold letters, digits, '-', '_' and '.' only")
+    init_ray()
+    from pipelines.pretrain import run_pretrain
+
+    try:
+        result = run_pretrain(
+            cfg,
+            data,
+            storage,
+            name,
+            workers=workers,
+            use_gpu=gpus,
+            include_test=include_test,
+            max_failures=max_failures,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"pretrained {result.steps} steps; encoder: {result.encoder_uri}")
+    typer.echo(f"MLflow run {result.mlflow_run_id}: {ui_command(result.tracking_uri)}")
+
+
+@app.command()
+def probe(
+    encoder: Annotated[str, typer.Option(help="exported encoder: STORAGE/RUN/encoder.safetensors")],
+    tasks: Annotated[Path, typer.Option(help="YAML task list: name, data, type[, label, modality] per task")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for tables, plots, features, MLflow")],
+    trials: Annotated[int | None, typer.Option(help="Tune trials per sweep (default 20)")] = None,
+    fractions: Annotated[str | None, typer.Option(help="training-label fractions, e.g. 0.01,0.1,1.0")] = None,
+    seeds: Annotated[int | None, typer.Option(help="label subsets per fraction below 1 (default 3)")] = None,
+    baseline: Annotated[
+        list[str] | None, typer.Option(help="'random' or TIMM_NAME=PATH (local weights); repeatable")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML ProbeConfig (search space, extraction...)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Frozen-encoder probes: features on Ray Data, Ray Tune sweeps, test AUROC with CIs, MLflow."""
+    from mermed.config import ProbeConfig
+    from mermed.tracking import ui_command
+    from pipelines.common import setup_logging
+    from pipelines.probe import run_probe
+
+    setup_logging(verbose)
+    overrides: dict = {"trials": trials, "seeds": seeds}
+    try:
+        if fractions:
+            overrides["fractions"] = [float(f) for f in fractions.split(",")]
+    except ValueError:
+        _fail(f"--fractions must be comma-separated numbers, not {fractions!r}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        cfg = load_config(ProbeConfig, config, overrides) if config else parse_config(ProbeConfig, overrides)
+        result = run_probe(encoder, tasks, output, cfg, baselines=baseline or [])
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    typer.echo((result.output / "summary.md").read_text())
+    typer.echo(f"MLflow run {result.parent_run_id}: {ui_command(result.tracking_uri)}")
 
 
 def main() -> None:

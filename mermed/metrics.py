@@ -8,12 +8,17 @@ scikit-learn is only the reference in the tests.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 import numpy as np
 
 Task = Literal["binary", "multiclass", "multilabel"]
 TASKS: tuple[str, ...] = get_args(Task)
+
+# More undefined resamples than this fraction means a class has about two patients or fewer: the resamples
+# that remain all hold the same few patients and their CI would be meaningless.
+_MAX_UNDEFINED = 0.1
 
 # Bootstrap weight matrices are processed in chunks of about this many elements (resamples x rows).
 _CHUNK_ELEMENTS = 4_000_000
@@ -145,15 +150,31 @@ def bootstrap_ci(
 
     Rows of one patient are correlated, so resampling rows would understate the uncertainty; every row of a
     sampled patient comes along, as many times as the patient is drawn. Resamples where the AUROC is undefined
-    (one class only) are skipped; if more than half are, the CI would be meaningless and ValueError is raised.
+    (one class only) are skipped; if more than 10% are, the CI would be meaningless and ValueError is raised.
     """
+    return mean_bootstrap_ci(y_true, [scores], task, groups, n_boot=n_boot, alpha=alpha, seed=seed)
+
+
+def mean_bootstrap_ci(
+    y_true: np.ndarray,
+    score_sets: Sequence[np.ndarray],
+    task: Task,
+    groups: np.ndarray | list[str],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``bootstrap_ci`` of the mean AUROC of several models scored on the same rows (e.g. probes trained on
+    different label subsets): each patient resample scores every model, so the CI is that of the mean."""
     if n_boot < 1:
         raise ValueError("n_boot must be at least 1")
     if not 0 < alpha < 1:
         raise ValueError("alpha must be in (0, 1)")
-    columns = _ranked(y_true, scores, task)
-    n = len(columns[0].order)
-    if np.isnan(_weighted_auroc(columns, np.ones((1, n)))[0]):
+    if not score_sets:
+        raise ValueError("no scores")
+    models = [_ranked(y_true, s, task) for s in score_sets]
+    n = len(models[0][0].order)
+    if np.isnan(_weighted_auroc(models[0], np.ones((1, n)))[0]):
         raise _undefined(task)
     g = np.asarray(groups, dtype=object)
     if g.shape != (n,):
@@ -168,18 +189,19 @@ def bootstrap_ci(
     chunk = max(1, _CHUNK_ELEMENTS // n)
     values = np.concatenate(
         [
-            _weighted_auroc(columns, draws[i : i + chunk][:, patient_of_row].astype(np.float64))
-            for i in range(0, n_boot, chunk)
+            # NaN (undefined) depends on the labels and weights only, so it is the same for every model.
+            np.mean([_weighted_auroc(columns, weights) for columns in models], axis=0)
+            for weights in (draws[i : i + chunk][:, patient_of_row].astype(np.float64) for i in range(0, n_boot, chunk))
         ]
     )
     values = values[~np.isnan(values)]
-    if values.size * 2 < n_boot:
+    if values.size < (1 - _MAX_UNDEFINED) * n_boot:
         raise ValueError(
             f"AUROC is undefined in {n_boot - values.size} of {n_boot} patient resamples "
-            "(too few patients of one class for a bootstrap CI)"
+            "(a class has too few patients for a bootstrap CI)"
         )
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 
 
-__all__ = ["TASKS", "Task", "accuracy", "auroc", "bootstrap_ci"]
+__all__ = ["TASKS", "Task", "accuracy", "auroc", "bootstrap_ci", "mean_bootstrap_ci"]

@@ -1,0 +1,239 @@
+"""DICOM files (CT, CR/DX, US, MR, ...) to uint8 2D images.
+
+A group of files from one directory is read together so that a CT series can be put in slice order: a slice's
+``frame`` is its index along the slice normal. Multi-frame objects give one image per kept frame, ``frame`` being
+the frame index. Only PatientID and StudyInstanceUID leave this module (as keys the pipeline pseudonymises);
+names, dates and every other header value stay here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom.config
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_pixels
+from pydicom.pixels.utils import get_nr_frames
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from ingest.image import scale_to_uint8
+from ingest.schema import DecodeError, Image, InputError, ReadResult
+from mermed.config import IngestConfig
+
+# Value validation warnings quote the offending header value (a date, a name) into the logs: off in this process.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+# DICOM modality code -> the project's modality; other codes (MR, MG, NM, ...) are kept as they are.
+MODALITIES = {"CT": "CT", "CR": "CXR", "DX": "CXR", "DR": "CXR", "US": "US"}
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Enhanced multi-frame objects put rescale and window per frame in these functional groups.
+FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+@dataclass
+class _Header:
+    index: int  # into the group's paths
+    ds: Dataset  # read without pixel data
+    single_frame: bool
+
+
+def _dcmread(path: str, *, header_only: bool) -> Dataset:
+    """Read a file as DICOM, also accepting old files without preamble and file meta that start with group 0008."""
+    try:
+        return dcmread(path, stop_before_pixels=header_only)
+    except InvalidDicomError:
+        pass
+    except OSError as err:
+        raise InputError(f"cannot read the file ({type(err).__name__})") from None
+    except Exception as err:  # noqa: BLE001 - pydicom raises many kinds on a broken header
+        raise DecodeError(f"DICOM header is corrupt ({type(err).__name__})") from None
+    try:
+        ds = dcmread(path, stop_before_pixels=header_only, force=True)
+    except Exception:  # noqa: BLE001 - anything forced through the parser that breaks it is not DICOM
+        raise InputError("not a DICOM file") from None
+    if len(ds) == 0 or min(ds.keys()).group != 0x0008:
+        raise InputError("not a DICOM file")
+    return ds
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    """The transfer syntax, inferred from how the file was parsed when its file meta does not state it.
+
+    Only native (unencapsulated) pixel data can be decoded that way; compressed data without a stated syntax cannot.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return UID(meta.TransferSyntaxUID)
+    implicit, little = ds.original_encoding
+    encapsulated = "PixelData" in ds and ds["PixelData"].is_undefined_length
+    if implicit is None or encapsulated:
+        return None
+    uid = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = uid
+    return uid
+
+
+def dicom_modality(ds: Dataset) -> str:
+    """The project's modality for a header's Modality code; ``OT`` (DICOM's "other") when absent."""
+    code = str(ds.get("Modality") or "OT").strip().upper()
+    return MODALITIES.get(code, code)
+
+
+def _position(ds: Dataset) -> float | None:
+    """Position of a slice along its normal (ImagePositionPatient projected on the ImageOrientationPatient normal)."""
+    try:
+        orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        position = np.asarray([float(v) for v in ds.ImagePositionPatient])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if orientation.shape != (6,) or position.shape != (3,):
+        return None
+    return float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
+
+
+def _instance_number(ds: Dataset) -> int | None:
+    try:
+        return int(ds.InstanceNumber)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _slice_order(series: list[_Header]) -> list[_Header]:
+    """A series in slice order: by position along the normal, else by InstanceNumber, else as listed."""
+    positions = [_position(h.ds) for h in series]
+    if None not in positions:
+        return [h for _, h in sorted(zip(positions, series, strict=True), key=lambda p: (p[0], p[1].index))]
+    numbers = [_instance_number(h.ds) for h in series]
+    if None not in numbers:
+        return [h for _, h in sorted(zip(numbers, series, strict=True), key=lambda p: (p[0], p[1].index))]
+    return sorted(series, key=lambda h: h.index)
+
+
+def _frame_view(ds: Dataset, index: int) -> Dataset:
+    """The pixel-value attributes that apply to one frame: the top level overlaid with the frame's functional groups.
+
+    The image pixel, modality LUT and VOI LUT modules all live in group 0028, so a view holds only that group.
+    """
+    groups = [ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")]
+    items = [groups[0][0] if groups[0] else None, groups[1][index] if groups[1] and index < len(groups[1]) else None]
+    overrides = [item[k][0] for item in items if item is not None for k in FRAME_GROUPS if item.get(k)]
+    if not overrides:
+        return ds
+    view = Dataset()
+    view.file_meta = ds.file_meta
+    for elem in ds.group_dataset(0x0028):
+        view.add(elem)
+    for override in overrides:
+        view.update(override)
+    return view
+
+
+def _window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    return scale_to_uint8(values, center - width / 2, center + width / 2)
+
+
+def _first(value: object) -> float:
+    """First value of a possibly multi-valued DS element (WindowCenter may list several)."""
+    return float(value[0] if isinstance(value, list | tuple | MultiValue) else value)
+
+
+def _greyscale(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Modality values -> uint8 through the header's VOI LUT or window, else the image's own range."""
+    if ds.get("VOILUTSequence"):
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return scale_to_uint8(apply_voi(np.rint(values).astype(np.int64), ds), 0, 2**bits - 1)
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        if width > 0:
+            return _window(values, center, width)
+    return scale_to_uint8(values, float(values.min()), float(values.max()))
+
+
+def _to_uint8(arr: np.ndarray, ds: Dataset, modality: str, cfg: IngestConfig) -> np.ndarray:
+    """One decoded frame (RGB already converted from YBR by pydicom) -> uint8 pixels for the shard."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if arr.ndim == 3:  # colour
+        return arr if arr.dtype == np.uint8 else scale_to_uint8(arr, 0, 2 ** int(ds.BitsStored) - 1)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)[..., :3]  # drop an alpha palette
+        # Some writers put 8-bit entries in a 16-bit table: scale by what the table holds, not by its type.
+        return rgb.astype(np.uint8) if rgb.max() <= 255 else scale_to_uint8(rgb, 0, 65535)
+    values = apply_modality_lut(arr, ds)
+    if modality == "CT":  # Hounsfield units through three windows -> three channels
+        return np.stack([_window(values, w.center, w.width) for w in cfg.dicom.ct_windows], axis=-1)
+    grey = _greyscale(values, ds)
+    return 255 - grey if photometric == "MONOCHROME1" else grey
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = str(ds.get(keyword) or "").strip()
+    return value or None
+
+
+def _message(err: Exception) -> str:
+    """A library error as one short line."""
+    return re.sub(r"\s+", " ", f"{type(err).__name__}: {err}")[:300]
+
+
+def _images(path: str, header: Dataset, frame: int | None, modality: str | None, cfg: IngestConfig) -> Iterator[Image]:
+    """Decode one file; ``frame`` is the slice's index in its series, used when the file has a single frame."""
+    ds = _dcmread(path, header_only=False)
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        if "Rows" in header:  # an image whose pixel data was cut off (pydicom drops an incomplete element)
+            raise DecodeError("DICOM image has no pixel data: the file is probably truncated")
+        raise InputError("DICOM object has no pixel data")
+    syntax = _transfer_syntax(ds)
+    named = f"{syntax} ({syntax.name})" if syntax else "(none stated)"
+    try:
+        n_frames = get_nr_frames(ds, warn=False)
+        indices = range(0, n_frames, cfg.dicom.frame_stride)[: cfg.dicom.max_frames]
+        declared = int(ds.Rows) * int(ds.Columns) * len(indices)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise DecodeError(
+            f"cannot decode pixel data with transfer syntax {named}: image size attributes are missing or invalid "
+            f"({type(err).__name__})"
+        ) from None
+    if declared > cfg.image.max_pixels:
+        raise InputError(f"DICOM object declares {declared} pixels to decode, above image.max_pixels")
+    modality = modality or dicom_modality(ds)
+    keys = {"patient_key": _text(ds, "PatientID"), "study_key": _text(ds, "StudyInstanceUID")}
+    try:
+        for index, arr in zip(indices, iter_pixels(ds, indices=indices), strict=True):
+            pixels = _to_uint8(arr, _frame_view(ds, index), modality, cfg)
+            yield Image(pixels=pixels, modality=modality, frame=index if n_frames > 1 else frame, **keys)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every decoder failure is reported with its transfer syntax
+        raise DecodeError(f"cannot decode pixel data with transfer syntax {named}: {_message(err)}") from None
+
+
+def read(paths: list[str], modality: str | None, cfg: IngestConfig) -> Iterator[ReadResult]:
+    """Read a directory's DICOM files: group them by series, order each series' slices, decode file by file."""
+    series: dict[object, list[_Header]] = {}
+    for i, path in enumerate(paths):
+        try:
+            ds = _dcmread(path, header_only=True)
+            header = _Header(i, ds, single_frame=get_nr_frames(ds, warn=False) == 1)
+            uid = _text(ds, "SeriesInstanceUID")
+        except Exception as err:  # noqa: BLE001 - the file is quarantined, the others are still read
+            yield i, err
+            continue
+        series.setdefault(uid or ("file", i), []).append(header)
+    for members in series.values():
+        ordered = _slice_order(members)
+        rank = {h.index: r for r, h in enumerate(h for h in ordered if h.single_frame)}
+        for header in ordered:
+            try:
+                for image in _images(paths[header.index], header.ds, rank.get(header.index), modality, cfg):
+                    yield header.index, image
+            except Exception as err:  # noqa: BLE001 - as above
+                yield header.index, err
+
+
+__all__ = ["dicom_modality", "read"]

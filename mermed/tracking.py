@@ -1,0 +1,52 @@
+"""MLflow helpers: where the tracking store is, and what may be logged as params.
+
+No ``MLFLOW_TRACKING_URI`` and no URI in the config: a local sqlite store ``<workdir>/mlflow.db`` with artifacts
+in ``<workdir>/mlartifacts``, which ``mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db`` shows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Param names that look like credentials are never logged, whatever a config holds.
+_SECRET = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key|deid_key)", re.I)
+
+
+def tracking_uri(configured: str | None, workdir: str | Path) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve()}/mlflow.db"
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def use_experiment(name: str, uri: str, workdir: str | Path) -> str:
+    """Point MLflow at ``uri`` and return the id of experiment ``name``, creating it with local artifacts."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config to MLflow params (``optim.lr``), with credential-like fields left out."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if _SECRET.search(name):
+            continue
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, f"{name}."))
+        else:
+            out[name] = str(value)[:500]
+    return out

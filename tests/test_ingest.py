@@ -1,0 +1,264 @@
+"""The ingest pipeline end to end on a local Ray: real DICOM, slides read by OpenSlide, photos, npz; accounting,
+de-identification, determinism, s3:// in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from ingest.samples import copy_pydicom_testdata, make_sample_corpus
+
+from ingest.deid import MissingKeyError, Pseudonymizer, load_key
+from ingest.labels import LabelFileError
+from ingest.pipeline import MANIFEST, QUARANTINE, IngestError, ShardWriter, run_ingest
+from ingest.schema import ROW_SCHEMA, decode_image
+from mermed.config import MODALITIES, IngestConfig
+
+KEY = b"unit-test-key-0123456789abcdef"
+
+
+def _bad_files(root: Path) -> dict[str, str]:
+    """Plant one file of each kind of bad input; returns {relative path: expected stage or error hint}."""
+    bad = root / "cfp" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "zero.png").write_bytes(b"")
+    good_png = next((root / "cfp").glob("*.png")).read_bytes()
+    (bad / "truncated.png").write_bytes(good_png[: len(good_png) // 3])
+    (bad / "notes.dcm").write_text("this is a text file, not DICOM\n")
+    (bad / "readme.txt").write_text("unsupported type\n")
+    # a PNG header declaring 100000 x 100000 pixels: a decompression bomb
+    ihdr = b"IHDR" + (100000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    bomb = b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr + zlib.crc32(ihdr).to_bytes(4, "big")
+    (bad / "bomb.png").write_bytes(bomb)
+    (bad / "dangling.png").symlink_to(bad / "does-not-exist.png")
+    outside = root.parent / "outside.png"
+    outside.write_bytes(good_png)
+    (bad / "escape.png").symlink_to(outside)
+    dcm = next((root / "cxr").glob("*.dcm")).read_bytes()
+    (root / "cxr" / "truncated.dcm").write_bytes(dcm[: len(dcm) // 2])
+    return {
+        "cfp/bad/zero.png": "",
+        "cfp/bad/truncated.png": "",
+        "cfp/bad/notes.dcm": "",
+        "cfp/bad/readme.txt": "UnsupportedFormat",
+        "cfp/bad/bomb.png": "",
+        "cfp/bad/dangling.png": "",
+        "cfp/bad/escape.png": "PathOutsideRoot",
+        "cxr/truncated.dcm": "",
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus") / "raw"
+    info = make_sample_corpus(root, per_class=3, size=64, seed=0)
+    copy_pydicom_testdata(root / "pydicom")
+    bad = _bad_files(root)
+    return info, bad
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_session, corpus, tmp_path_factory):
+    info, _ = corpus
+    out = tmp_path_factory.mktemp("out") / "shards"
+    result = run_ingest(
+        [str(info.root)], str(out), IngestConfig(dataset="sample"), labels_csv=str(info.labels_csv), key=KEY
+    )
+    return out, result
+
+
+def _all_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_every_input_is_accounted_for(corpus, ingested):
+    info, bad = corpus
+    out, result = ingested
+    m = json.loads((out / MANIFEST).read_text())
+    n_inputs = sum(1 for p in info.root.rglob("*") if (p.is_file() or p.is_symlink()) and p != info.labels_csv)
+    assert m["discovered"] == n_inputs
+    assert m["discovered"] == m["ingested"] + m["quarantined"]
+    assert set(m) >= {
+        "discovered",
+        "ingested",
+        "quarantined",
+        "duplicates",
+        "rows",
+        "modalities",
+        "bytes",
+        "versions",
+        "config_hash",
+        "started",
+        "finished",
+    }
+    q = pq.read_table(out / QUARANTINE).to_pylist()
+    pseud = Pseudonymizer(KEY)
+    by_source = {r["source"]: r for r in q}
+    for rel, error in bad.items():
+        row = by_source.get(pseud.source(rel))
+        assert row is not None, f"{rel} was not quarantined"
+        assert row["message"] and row["stage"]
+        if error:
+            assert row["error_class"] == error
+    assert m["quarantined"] == len({r["source"] for r in q})
+    assert m["rows"] == sum(pq.read_table(out / s).num_rows for s in m["shards"])
+
+
+def test_all_seven_modalities_with_schema(ingested):
+    out, result = ingested
+    m = result.manifest
+    assert set(MODALITIES) <= set(m["modalities"])
+    for shard in m["shards"]:
+        t = pq.read_table(out / shard)
+        assert t.schema.remove_metadata().equals(ROW_SCHEMA) or t.schema.names == ROW_SCHEMA.names
+        modality = shard.split("/")[0].split("=")[1]
+        assert set(t.column("modality").to_pylist()) == {modality}
+        row = t.slice(0, 1).to_pylist()[0]
+        pixels = decode_image(row["image"])
+        assert pixels.shape[:2] == (row["height"], row["width"])
+        assert row["source"].startswith("s-") and row["split"] in ("train", "val", "test")
+    path = pq.read_table(out / next(s for s in m["shards"] if "PATH" in s)).to_pylist()
+    assert all(r["tile_x"] is not None and r["mpp"] == pytest.approx(0.5) for r in path)
+
+
+def test_patient_level_split(ingested):
+    out, result = ingested
+    rows = [
+        r
+        for s in result.manifest["shards"]
+        for r in pq.read_table(out / s, columns=["patient_id", "split"]).to_pylist()
+    ]
+    splits: dict[str, set] = {}
+    for r in rows:
+        if r["patient_id"]:
+            splits.setdefault(r["patient_id"], set()).add(r["split"])
+    assert splits and all(len(s) == 1 for s in splits.values())
+
+
+def test_no_phi_in_any_output(corpus, ingested):
+    info, _ = corpus
+    out, _ = ingested
+    needles = [s for s in info.phi_strings if len(s) >= 4]
+    assert needles
+    for path in _all_files(out):
+        blobs = [path.read_bytes()]
+        if path.suffix == ".parquet":
+            blobs.append(
+                json.dumps(
+                    pq.read_table(path)
+                    .drop_columns([c for c in ("image",) if c in pq.read_schema(path).names])
+                    .to_pylist(),
+                    default=str,
+                ).encode()
+            )
+        for blob in blobs:
+            for s in needles:
+                assert s.encode() not in blob, f"PHI found in {path.name}"
+
+
+def test_rerun_changes_nothing_and_force_is_deterministic(corpus, ingested):
+    info, _ = corpus
+    out, result = ingested
+    before = {p: p.read_bytes() for p in _all_files(out) if p.suffix == ".parquet"}
+    again = run_ingest(
+        [str(info.root)], str(out), IngestConfig(dataset="sample"), labels_csv=str(info.labels_csv), key=KEY
+    )
+    assert again.skipped
+    forced = run_ingest(
+        [str(info.root)], str(out), IngestConfig(dataset="sample"), labels_csv=str(info.labels_csv), key=KEY, force=True
+    )
+    assert not forced.skipped
+    after = {p: p.read_bytes() for p in _all_files(out) if p.suffix == ".parquet"}
+    assert after == before
+    assert not [p for p in out.iterdir() if p.name.startswith("_staging")]
+
+
+def test_crash_leaves_previous_output_visible(monkeypatch, corpus, tmp_path, ray_session):
+    info, _ = corpus
+    src = tmp_path / "raw"
+    shutil.copytree(info.root / "oct", src / "oct")
+    out = tmp_path / "out"
+    run_ingest([str(src)], str(out), IngestConfig(), key=KEY)
+    visible = sorted(p.relative_to(out) for p in _all_files(out) if not p.name.startswith("_"))
+    manifest = (out / MANIFEST).read_bytes()
+    shutil.copytree(info.root / "derm", src / "derm")  # new inputs: the next run really writes
+
+    def crash(self):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ShardWriter, "close", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_ingest([str(src)], str(out), IngestConfig(), key=KEY)
+    assert sorted(p.relative_to(out) for p in _all_files(out) if not p.name.startswith("_")) == visible
+    assert (out / MANIFEST).read_bytes() == manifest
+
+
+def test_refuses_without_key_and_bad_labels(monkeypatch, corpus, tmp_path):
+    info, _ = corpus
+    monkeypatch.delenv("MERMED_DEID_KEY", raising=False)
+    monkeypatch.delenv("MERMED_DEID_KEY_FILE", raising=False)
+    with pytest.raises(MissingKeyError):
+        load_key()
+    with pytest.raises(MissingKeyError):
+        run_ingest([str(info.root)], str(tmp_path / "o"), IngestConfig())
+    bad = tmp_path / "labels.csv"
+    for text, match in [
+        ("file,label\na.png,1\n", "missing column"),
+        ("path,label,split\na.png,1,training\n", "line 2: split"),
+        ("path,label,patient_id,split\na.png,1,P1,train\nb.png,0,P1,test\n", "two different splits"),
+        ("path,label\na.png,1\na.png,0\n", "listed twice"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(LabelFileError, match=match):
+            run_ingest([str(info.root)], str(tmp_path / "o"), IngestConfig(), labels_csv=str(bad), key=KEY)
+    with pytest.raises(IngestError, match="does not exist"):
+        run_ingest([str(tmp_path / "nowhere")], str(tmp_path / "o"), IngestConfig(), key=KEY)
+
+
+def test_medmnist_npz_keeps_split_and_labels(ray_session, tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1))
+    src = tmp_path / "in"
+    src.mkdir()
+    np.savez(src / "octmnist.npz", **arrays)
+    out = tmp_path / "out"
+    m = run_ingest([str(src)], str(out), IngestConfig(), key=KEY).manifest
+    assert m["modalities"] == {"OCT": 11} and m["splits"]["OCT"] == {"test": 3, "train": 6, "val": 2}
+    rows = pq.read_table(out / m["shards"][0]).to_pylist()
+    train = sorted((r["frame"], r["label"]) for r in rows if r["split"] == "train")
+    assert [lab for _, lab in train] == [str(int(v)) for v in arrays["train_labels"][:, 0]]
+
+
+def test_s3_input_and_output(ray_session, s3_bucket, corpus, tmp_path):
+    import s3fs
+
+    info, _ = corpus
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    fs.put(str(info.root / "derm"), f"{s3_bucket}/raw/derm", recursive=True)
+    fs.put(str(info.root / "ct"), f"{s3_bucket}/raw/ct", recursive=True)
+    local = run_ingest(
+        [str(info.root / "derm"), str(info.root / "ct")],
+        str(tmp_path / "local"),
+        IngestConfig(modality="auto"),
+        key=KEY,
+    ).manifest
+    remote = run_ingest(
+        [f"s3://{s3_bucket}/raw/derm", f"s3://{s3_bucket}/raw/ct"],
+        f"s3://{s3_bucket}/out",
+        IngestConfig(modality="auto"),
+        key=KEY,
+    ).manifest
+    assert remote["rows"] == local["rows"] > 0 and remote["modalities"] == local["modalities"]
+    assert fs.exists(f"{s3_bucket}/out/{MANIFEST}")
+    for shard in remote["shards"]:
+        with fs.open(f"{s3_bucket}/out/{shard}", "rb") as fh:
+            assert pq.read_table(fh).num_rows > 0

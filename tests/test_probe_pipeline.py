@@ -1,0 +1,298 @@
+"""The probe stage end to end on a local Ray: features, Tune sweeps, refit, test AUROC with CIs, nested MLflow runs.
+
+One job runs for the whole module (Ray Tune starts slowly); the checks share it. The data is a tiny ingest output
+written here with pyarrow: bright vs dark noisy images (a structure even a random ViT separates), patients with
+rows of both classes, patient-level splits, and unlabelled rows that no task may use.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from ingest.schema import ROW_SCHEMA, encode_image
+from mermed.config import ProbeConfig, parse_config
+from mermed.metrics import bootstrap_ci, mean_bootstrap_ci
+from mermed.models import build_backbone, export_encoder
+from pipelines.probe import (
+    FEATURES_FILE,
+    FEATURES_JSON,
+    SUMMARY_COLUMNS,
+    ProbeError,
+    extract_features,
+    inspect_task,
+    load_encoders,
+    run_probe,
+)
+
+MODEL, SIZE = "vit_tiny_patch16_224", 32
+CFG = parse_config(
+    ProbeConfig,
+    {
+        "trials": 2,
+        "fractions": [0.5, 1.0],
+        "seeds": 2,
+        "bootstrap": 200,
+        "search": {"epochs": [4], "grace_period": 2, "hidden": [32], "batch_size": 64},
+        "extract": {"batch_size": 32},
+    },
+)
+
+
+def _image(rng: np.random.Generator, bright: bool) -> bytes:
+    base = 170 if bright else 80
+    return encode_image(np.clip(base + rng.normal(0, 25, (SIZE, SIZE)), 0, 255).astype(np.uint8))
+
+
+def write_ingest_output(root: Path, patients: dict[str, tuple[str, list[str | None]]], seed: int = 0) -> Path:
+    """An ingest output as the ingest stage commits it: one CXR shard and ``_manifest.json``.
+
+    ``patients`` maps a patient pseudonym to (split, labels of its rows); label "1" is a bright image, "0" and
+    None (unlabelled) dark ones. A patient named ``anon-*`` has no patient_id (grouped by its source).
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for patient, (split, labels) in patients.items():
+        for i, label in enumerate(labels):
+            rows.append(
+                {
+                    "image": _image(rng, label == "1"),
+                    "height": SIZE,
+                    "width": SIZE,
+                    "channels": 1,
+                    "modality": "CXR",
+                    "dataset": "synthetic",
+                    "source": f"src-{patient}-{i}",
+                    "patient_id": None if patient.startswith("anon") else patient,
+                    "label": label,
+                    "split": split,
+                }
+            )
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    shard = "modality=CXR/part-00000.parquet"
+    (root / "modality=CXR").mkdir(parents=True)
+    pq.write_table(table, root / shard)
+    splits: dict[str, int] = {}
+    for r in rows:
+        splits[r["split"]] = splits.get(r["split"], 0) + 1
+    manifest = {
+        "rows": len(rows),
+        "modalities": {"CXR": len(rows)},
+        "splits": {"CXR": splits},
+        "shards": [shard],
+        "config_hash": "c" * 64,
+        "inputs_hash": f"{seed:064d}",
+    }
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _cohort(n_train: int = 16, n_val: int = 6, n_test: int = 8) -> dict[str, tuple[str, list[str | None]]]:
+    """Patients with two bright and two dark images each, plus unlabelled rows of other patients."""
+    cohort: dict[str, tuple[str, list[str | None]]] = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for i in range(n):
+            cohort[f"{split}-p{i}"] = (split, ["0", "1", "0", "1"])
+    cohort["anon-test"] = ("test", ["1", "0"])  # no patient id: grouped by source
+    cohort["pretrain-only"] = ("train", [None] * 6)
+    return cohort
+
+
+def _tasks(path: Path, tasks: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump({"tasks": tasks}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("run") / "encoder.safetensors"
+    export_encoder(build_backbone(MODEL, SIZE), path, model_name=MODEL, img_size=SIZE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def job(ray_session, tmp_path_factory, encoder_file):
+    """One probe job: pretrained encoder + random baseline, fractions 0.5 and 1.0, two label subsets."""
+    root = tmp_path_factory.mktemp("probe")
+    data = write_ingest_output(root / "data", _cohort())
+    tasks = _tasks(root / "tasks.yaml", [{"name": "bright", "data": str(data), "type": "binary"}])
+    result = run_probe(encoder_file, tasks, root / "out", CFG, baselines=["random"])
+    return result, data
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_summary_table(job) -> None:
+    result, _ = job
+    rows = _read_csv(result.output / "summary.csv")
+    assert tuple(rows[0]) == SUMMARY_COLUMNS
+    assert {(r["encoder"], float(r["fraction"])) for r in rows} == {
+        (e, f) for e in ("pretrained", "random") for f in (0.5, 1.0)
+    }
+    for r in rows:
+        auroc, lo, hi = float(r["auroc"]), float(r["auroc_lo"]), float(r["auroc_hi"])
+        assert (r["task"], r["modality"], r["n_test"]) == ("bright", "CXR", "34")
+        assert lo <= auroc <= hi
+        assert auroc > 0.9, r  # bright vs dark is visible even to random weights
+        assert 0.5 < float(r["accuracy"]) <= 1
+    # Below 100% of the labels, the summary is the mean over the label subsets of results.csv.
+    details = _read_csv(result.output / "results.csv")
+    assert len(details) == 2 * (CFG.seeds + 1)
+    half = [float(d["auroc"]) for d in details if d["encoder"] == "pretrained" and float(d["fraction"]) == 0.5]
+    assert len(half) == CFG.seeds
+    summary_half = next(r for r in rows if r["encoder"] == "pretrained" and float(r["fraction"]) == 0.5)
+    assert float(summary_half["auroc"]) == pytest.approx(np.mean(half))
+    assert {int(d["n_train"]) for d in details if float(d["fraction"]) == 0.5} == {32}  # half of 64, per class
+    markdown = (result.output / "summary.md").read_text()
+    assert markdown.count("| bright | CXR |") == 4
+
+
+def test_mlflow_parent_with_nested_trials(job) -> None:
+    import mlflow
+
+    result, _ = job
+    mlflow.set_tracking_uri(result.tracking_uri)
+    assert result.tracking_uri == f"sqlite:///{result.output.resolve()}/mlflow.db"
+    parent = mlflow.get_run(result.parent_run_id)
+    assert parent.data.metrics["bright.pretrained.f1.test_auroc"] > 0.9
+    assert parent.data.params["probe.trials"] == "2"
+    children = mlflow.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
+    assert len(children) == 2 * (CFG.seeds + 1) * CFG.trials  # every trial of every sweep
+    assert set(children["tags.encoder"]) == {"pretrained", "random"}
+    assert children["metrics.val_auroc"].notna().all()
+    assert (children["status"] == "FINISHED").all()
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.parent_run_id)}
+    assert {"roc_bright.png", "summary.csv", "summary.md", "results.csv"} <= artifacts
+    assert (result.output / "roc_bright.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_features_are_cached_and_split_by_patient(job, encoder_file) -> None:
+    result, data = job
+    assert result.reused == {"pretrained/bright": False, "random/bright": False}
+    cache = next((result.output / "features" / "pretrained").iterdir())
+    table = pq.read_table(cache / FEATURES_FILE)
+    assert table.num_rows == 30 * 4 + 2  # the unlabelled rows are no part of the task
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 192)
+    patients = {s: set(table.filter(pa.compute.equal(table["split"], s))["patient_id"].to_pylist()) for s in
+                ("train", "val", "test")}  # fmt: skip
+    assert not (patients["train"] & patients["val"] or patients["train"] & patients["test"])
+    assert not patients["val"] & patients["test"]
+    # A second run of the same (encoder, dataset) reads the cache instead of running the encoder.
+    meta = cache / FEATURES_JSON
+    before = meta.stat().st_mtime_ns
+    pretrained = load_encoders(encoder_file, [])[0]
+    assert json.loads(meta.read_text())["encoder"] == pretrained.fingerprint
+    task = inspect_task(_task(data))  # another name, the same data: the same cache
+    path, reused = extract_features(pretrained, task, result.output, CFG.extract)
+    assert (path, reused) == (cache, True)
+    assert meta.stat().st_mtime_ns == before
+
+
+def _task(data: Path, **kw):
+    from mermed.config import ProbeTask
+
+    return ProbeTask(name="t", data=str(data), type="binary", **kw)
+
+
+@pytest.mark.parametrize(
+    ("cohort", "message"),
+    [
+        ({k: (s, ["1"] * len(v)) for k, (s, v) in _cohort().items()}, "single-class"),
+        ({k: v for k, v in _cohort().items() if v[0] != "test"}, "the test split has no labelled rows"),
+        ({**_cohort(), "train-p0": ("train", ["0", "1"]), "x": ("val", ["0", "1"])}, None),
+    ],
+    ids=["single-class", "empty-test-split", "fine"],
+)
+def test_bad_tasks_fail_before_compute(tmp_path: Path, cohort, message: str | None) -> None:
+    data = write_ingest_output(tmp_path / "data", cohort)
+    if message is None:
+        assert inspect_task(_task(data)).counts == {"train": 16 * 4 - 2, "val": 26, "test": 34}
+        return
+    with pytest.raises(ProbeError, match=message):
+        inspect_task(_task(data))
+
+
+def test_leaking_patients_and_missing_labels_are_rejected(tmp_path: Path) -> None:
+    cohort = _cohort()
+    data = write_ingest_output(tmp_path / "leak", cohort)
+    table = pq.read_table(data / "modality=CXR/part-00000.parquet")
+    patient = np.asarray(table["patient_id"].to_pylist(), dtype=object)
+    patient[patient == "test-p0"] = "train-p0"  # one patient in train and in test
+    pq.write_table(table.set_column(table.schema.get_field_index("patient_id"), "patient_id", pa.array(patient)),
+                   data / "modality=CXR/part-00000.parquet")  # fmt: skip
+    with pytest.raises(ProbeError, match="1 patients have rows in more than one split"):
+        inspect_task(_task(data))
+    with pytest.raises(ProbeError, match="no column diagnosis"):
+        inspect_task(_task(data, label="diagnosis"))
+    with pytest.raises(ProbeError, match="no shards of modality CT"):
+        inspect_task(_task(data, modality="CT"))
+    unlabelled = write_ingest_output(tmp_path / "none", {"p": ("train", [None, None])})
+    with pytest.raises(ProbeError, match="no labelled rows"):
+        inspect_task(_task(unlabelled))
+
+
+def test_encoder_of_another_architecture_fails_before_compute(tmp_path: Path, encoder_file: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(encoder_file.parent, other)
+    meta = json.loads((other / "encoder.json").read_text())
+    (other / "encoder.json").write_text(json.dumps({**meta, "model_name": "vit_small_patch16_224", "embed_dim": 384}))
+    with pytest.raises(ProbeError, match="does not match the architecture"):
+        load_encoders(other / encoder_file.name, [])
+    with pytest.raises(ProbeError, match="baseline vit_small_patch16_224 does not match the architecture"):
+        load_encoders(encoder_file, [f"vit_small_patch16_224={encoder_file}"])
+    with pytest.raises(ProbeError, match="expected 'random' or TIMM_NAME=PATH"):
+        load_encoders(encoder_file, ["imagenet"])
+    # A timm name with local weights of its own architecture is a valid baseline; the encoders differ.
+    tiny = tmp_path / "tiny.safetensors"
+    export_encoder(build_backbone(MODEL, SIZE), tiny, model_name=MODEL, img_size=SIZE)
+    encoders = load_encoders(encoder_file, ["random", f"{MODEL}={tiny}"])
+    assert [e.tag for e in encoders] == ["pretrained", "random", MODEL]
+    assert len({e.fingerprint for e in encoders}) == 3
+
+
+def test_cli_reports_bad_input_without_running(tmp_path: Path, encoder_file: Path) -> None:
+    from mermed.cli import app
+
+    data = write_ingest_output(tmp_path / "data", {k: (s, ["0"] * len(v)) for k, (s, v) in _cohort().items()})
+    tasks = _tasks(tmp_path / "tasks.yaml", [{"name": "flat", "data": str(data), "type": "binary"}])
+    out = tmp_path / "out"
+    args = ["probe", "--encoder", str(encoder_file), "--tasks", str(tasks), "--output", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "task flat" in result.output and "single-class" in result.output
+    assert not out.exists()  # nothing was started, nothing written
+    result = CliRunner().invoke(app, [*args, "--fractions", "0.1,all"])
+    assert result.exit_code == 2 and "--fractions" in result.output
+
+
+def test_mean_bootstrap_ci_against_scikit_learn() -> None:
+    """The CI of the mean AUROC of two models equals the percentile CI of sklearn AUROCs on the same resamples."""
+    rng = np.random.default_rng(5)
+    patient_of_row = np.repeat(np.arange(40), 3)
+    names = np.array([f"p{i:02d}" for i in patient_of_row])  # sorted like the numbers: the same resamples
+    y = rng.integers(0, 2, patient_of_row.size)
+    a, b = y + rng.normal(0, 1.0, y.size), y + rng.normal(0, 2.0, y.size)
+    lo, hi = mean_bootstrap_ci(y, [a, b], "binary", names, n_boot=300, seed=3)
+    draws = np.random.default_rng(3).multinomial(40, np.full(40, 1 / 40), size=300)
+    values = []
+    for counts in draws:
+        rows = np.repeat(np.arange(y.size), counts[patient_of_row])
+        if np.unique(y[rows]).size == 2:
+            values.append((roc_auc_score(y[rows], a[rows]) + roc_auc_score(y[rows], b[rows])) / 2)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])), abs=1e-12)
+    assert mean_bootstrap_ci(y, [a, a], "binary", names, seed=3) == bootstrap_ci(y, a, "binary", names, seed=3)

@@ -1,0 +1,510 @@
+"""The four source readers on files the tests write, plus every DICOM file pydicom ships for its own tests."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from PIL import Image as PILImage
+from pydicom.data import data_manager, get_testdata_files
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.misc import is_dicom
+from pydicom.pixels import pixel_array
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ingest import dicom, image, npz, wsi
+from ingest.schema import DecodeError, Image, InputError
+from mermed.config import IngestConfig
+
+PHI = ("Doe^Jane", "19700101", "St Elsewhere")
+
+
+def run(reader, paths, modality, cfg) -> tuple[dict[int, list[Image]], dict[int, Exception]]:
+    """Images and errors by index into ``paths``; a file may fail at most once."""
+    images: dict[int, list[Image]] = collections.defaultdict(list)
+    errors: dict[int, Exception] = {}
+    for i, result in reader(paths, modality, cfg):
+        if isinstance(result, Exception):
+            assert i not in errors, "a failed file must be reported once"
+            errors[i] = result
+        else:
+            assert isinstance(result, Image)
+            images[i].append(result)
+    return dict(images), errors
+
+
+def assert_no_path(err: Exception, *paths: str | Path) -> None:
+    for p in paths:
+        assert str(p) not in str(err) and Path(p).name not in str(err)
+
+
+# ------------------------------------------------------------------------------------------------- DICOM
+
+
+def write_dicom(path: Path, frames: np.ndarray, modality: str = "CT", photometric: str = "MONOCHROME2", **attrs):
+    """A minimal but valid DICOM image; ``frames`` is (H, W) or (N, H, W)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = modality
+    ds.PatientName, ds.PatientBirthDate, ds.InstitutionName = PHI
+    ds.PatientID = "PID-0042"
+    ds.StudyInstanceUID = attrs.pop("StudyInstanceUID", "1.2.3.4")
+    ds.SeriesInstanceUID = attrs.pop("SeriesInstanceUID", generate_uid())
+    bits = 8 if frames.dtype == np.uint8 else 16
+    ds.set_pixel_data(frames, photometric, bits)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pydicom_corpus() -> list[str]:
+    """pydicom's test files as installed (pydicom and pydicom-data), without reaching for its download mirror."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data_manager, "online_test_file_dummy_paths", dict)
+        return sorted(p for p in get_testdata_files("*") if Path(p).is_file())
+
+
+def expected_modality(ds: Dataset) -> str:
+    code = str(ds.get("Modality") or "OT")
+    return {"CT": "CT", "CR": "CXR", "DX": "CXR", "US": "US"}.get(code, code)
+
+
+def test_dicom_reads_every_pydicom_test_file(pydicom_corpus):
+    cfg = IngestConfig(dicom={"max_frames": 3, "frame_stride": 1})
+    decoded: collections.Counter[str] = collections.Counter()
+    images_by_modality: collections.Counter[str] = collections.Counter()
+    no_pixels, not_dicom, undecodable = [], [], []
+    for path in pydicom_corpus:
+        images, errors = run(dicom.read, [path], None, cfg)
+        name = Path(path).name
+        if not is_dicom(path) and 0 in errors:  # no DICM preamble and refused (old files without it may pass)
+            assert isinstance(errors[0], InputError), name
+            not_dicom.append(name)
+            continue
+        ds = pydicom.dcmread(path, force=True)
+        has_pixels = any(k in ds for k in dicom.PIXEL_KEYWORDS)
+        if 0 in errors:
+            err = errors[0]
+            assert 0 not in images, name
+            assert_no_path(err, path)
+            if has_pixels:
+                # A genuine decoder failure: pydicom cannot decode it either, and the reason names the syntax.
+                assert isinstance(err, DecodeError), (name, err)
+                with pytest.raises(Exception):  # noqa: B017 - any pydicom failure
+                    pixel_array(ds, index=0)
+                syntax = ds.file_meta.get("TransferSyntaxUID")
+                assert f"transfer syntax {syntax or ''}" in str(err), (name, err)
+                undecodable.append(f"{name} ({syntax}): {err}")
+            else:
+                assert isinstance(err, InputError) and "no pixel data" in str(err), (name, err)
+                no_pixels.append(name)
+            continue
+        frames = pydicom.pixels.utils.get_nr_frames(ds, warn=False)
+        assert len(images[0]) == min(frames, 3), name
+        for img in images[0]:
+            assert img.pixels.dtype == np.uint8 and img.pixels.ndim in (2, 3)
+            assert img.pixels.shape[:2] == (ds.Rows, ds.Columns)
+            assert img.modality == expected_modality(ds), name
+            assert img.pixels.max() > img.pixels.min() or ds.get("Modality") == "RTDOSE", f"{name} is blank"
+        assert [img.frame for img in images[0]] == list(range(len(images[0])))
+        decoded[images[0][0].modality] += 1
+        images_by_modality[images[0][0].modality] += len(images[0])
+    print(f"\npydicom corpus: {len(pydicom_corpus)} paths")
+    print(f"decoded files by modality: {dict(decoded)} (images: {dict(images_by_modality)})")
+    print(f"no pixel data: {len(no_pixels)}; not DICOM: {len(not_dicom)}; undecodable: {len(undecodable)}")
+    for line in undecodable:
+        print("  undecodable:", line)
+    assert decoded["CT"] >= 5 and decoded["US"] >= 15 and decoded["CXR"] >= 5 and decoded["MR"] >= 10
+    assert sum(decoded.values()) >= 100 and len(no_pixels) >= 8 and len(not_dicom) >= 5
+    assert len(undecodable) <= 8
+
+
+CT_SLOPE, CT_INTERCEPT = 1, -1024
+
+
+def write_ct_series(tmp_path: Path, n: int, *, positions: bool = True, numbers: bool = True) -> list[Path]:
+    """``n`` CT slices whose HU (-1000 + 25 k) grows along z; InstanceNumber runs the other way."""
+    series = generate_uid()
+    paths = []
+    for k in range(n):
+        stored = np.full((8, 8), -1000 + 25 * k - CT_INTERCEPT, dtype=np.uint16)
+        attrs = {"SeriesInstanceUID": series, "RescaleSlope": CT_SLOPE, "RescaleIntercept": CT_INTERCEPT}
+        if positions:  # axial slices, z = 2.5 k, orientation along x and y
+            attrs |= {"ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "ImagePositionPatient": [-10, 5, 2.5 * k]}
+        if numbers:
+            attrs["InstanceNumber"] = n - k
+        paths.append(write_dicom(tmp_path / f"slice_{k:02d}.dcm", stored, **attrs))
+    return paths
+
+
+def lung_channel(hu: float) -> int:
+    center, width = -600, 1500
+    return int(np.clip(math.floor((hu - (center - width / 2)) / width * 255 + 0.5), 0, 255))
+
+
+@pytest.mark.parametrize("positions,numbers", [(True, True), (False, True), (False, False)])
+def test_dicom_ct_series_is_ordered(tmp_path, positions, numbers):
+    n = 6
+    paths = write_ct_series(tmp_path, n, positions=positions, numbers=numbers)
+    shuffled = [paths[i] for i in (3, 0, 5, 1, 4, 2)]
+    images, errors = run(dicom.read, [str(p) for p in shuffled], None, IngestConfig())
+    assert not errors
+    by_slice = {int(shuffled[i].stem.split("_")[1]): imgs for i, imgs in images.items()}
+    assert sorted(by_slice) == list(range(n)) and all(len(v) == 1 for v in by_slice.values())
+    for k, (img,) in by_slice.items():
+        if positions:  # by position along z
+            expected_frame = k
+        elif numbers:  # by InstanceNumber, which runs against z
+            expected_frame = n - 1 - k
+        else:  # as listed
+            expected_frame = shuffled.index(paths[k])
+        assert img.frame == expected_frame
+        assert img.modality == "CT" and img.pixels.shape == (8, 8, 3)
+        hu = -1000 + 25 * k
+        assert img.pixels[0, 0, 0] == lung_channel(hu)  # rescaled to HU, then the lung window
+        assert img.pixels[0, 0, 1] == 0  # -1000..-875 HU is below the mediastinal window
+        assert img.patient_key == "PID-0042" and img.study_key == "1.2.3.4"
+        for field in dataclasses.fields(img):
+            value = getattr(img, field.name)
+            if field.name != "pixels":
+                assert not any(p.split("^")[0] in str(value) for p in PHI), field.name
+
+
+def test_dicom_multiframe_stride_and_cap(tmp_path):
+    frames = np.stack([np.full((4, 5), 10 * k, dtype=np.uint16) for k in range(7)])
+    path = write_dicom(tmp_path / "mf.dcm", frames, modality="MR", WindowCenter=50, WindowWidth=100)
+    cfg = IngestConfig(dicom={"frame_stride": 2, "max_frames": 3})
+    images, errors = run(dicom.read, [str(path)], None, cfg)
+    assert not errors
+    assert [img.frame for img in images[0]] == [0, 2, 4]
+    assert [int(img.pixels[0, 0]) for img in images[0]] == [0, round(20 * 2.55), round(40 * 2.55)]
+    assert all(img.modality == "MR" and img.pixels.shape == (4, 5) for img in images[0])
+    images, _ = run(dicom.read, [str(path)], "CXR", IngestConfig())
+    assert [img.frame for img in images[0]] == list(range(7)) and images[0][0].modality == "CXR"
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 50
+    mono1 = write_dicom(tmp_path / "m1.dcm", ramp, modality="CR", photometric="MONOCHROME1")
+    mono2 = write_dicom(tmp_path / "m2.dcm", ramp, modality="CR")
+    images, errors = run(dicom.read, [str(mono1), str(mono2)], None, IngestConfig())
+    assert not errors
+    (inv,), (plain,) = images[0], images[1]
+    assert inv.modality == plain.modality == "CXR"
+    assert plain.pixels[0, 0] == 0 and plain.pixels[-1, -1] == 255
+    np.testing.assert_array_equal(inv.pixels.astype(int), 255 - plain.pixels.astype(int))
+
+
+def test_dicom_bad_files_fail_cleanly_and_alone(tmp_path):
+    good = write_dicom(tmp_path / "good.dcm", np.arange(64, dtype=np.uint16).reshape(8, 8), modality="DX")
+    data = good.read_bytes()
+    empty = tmp_path / "empty.dcm"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.dcm"
+    text.write_text("Patient Doe^Jane, not an image\n" * 20)
+    cut_pixels = tmp_path / "cut_pixels.dcm"
+    cut_pixels.write_bytes(data[:-40])
+    cut_header = tmp_path / "cut_header.dcm"
+    cut_header.write_bytes(data[: data.index(b"\xe0\x7f\x10\x00")])  # just before (7FE0,0010) Pixel Data
+    bomb = write_dicom(tmp_path / "bomb.dcm", np.zeros((4, 4), np.uint16))
+    ds = pydicom.dcmread(bomb)
+    ds.Rows = ds.Columns = 60000  # declares 3.6e9 pixels, holds 16
+    ds.save_as(bomb)
+    paths = [empty, good, text, cut_pixels, cut_header, bomb]
+    images, errors = run(dicom.read, [str(p) for p in paths], None, IngestConfig())
+    assert list(images) == [1] and images[1][0].modality == "CXR"
+    assert sorted(errors) == [0, 2, 3, 4, 5]
+    assert isinstance(errors[0], InputError) and "not a DICOM file" in str(errors[0])
+    assert isinstance(errors[2], InputError) and "not a DICOM file" in str(errors[2])
+    assert isinstance(errors[3], DecodeError) and ExplicitVRLittleEndian in str(errors[3])
+    assert isinstance(errors[4], DecodeError) and "truncated" in str(errors[4])
+    assert type(errors[5]) is InputError and "max_pixels" in str(errors[5])
+    for i, err in errors.items():
+        assert_no_path(err, paths[i])
+        assert not any(p in str(err) for p in PHI)
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+def png_with_declared_size(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR declares ``width`` x ``height`` but whose data is a few bytes: a decompression bomb."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+def read_image(path: Path, modality: str = "DERM", **image_cfg) -> list[Image]:
+    return list(image.read_one(str(path), modality, IngestConfig(image=image_cfg)))
+
+
+def test_image_8bit_formats_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    for name, pixels in [("g.png", grey), ("c.png", rgb), ("c.bmp", rgb), ("g.tif", grey)]:
+        PILImage.fromarray(pixels).save(tmp_path / name)
+        (img,) = read_image(tmp_path / name)
+        np.testing.assert_array_equal(img.pixels, pixels)
+        assert img.frame is None and img.modality == "DERM"
+    smooth = np.stack(np.broadcast_arrays(*np.mgrid[0:200:10, 0:240:8], 100), axis=-1).astype(np.uint8)
+    PILImage.fromarray(smooth).save(tmp_path / "c.jpg", quality=95)
+    (img,) = read_image(tmp_path / "c.jpg")
+    assert img.pixels.shape == (20, 30, 3) and np.abs(img.pixels.astype(int) - smooth).mean() < 3
+
+
+def test_image_16bit_is_windowed_at_percentiles(tmp_path):
+    values = np.linspace(0, 60000, 100 * 40).astype(np.uint16).reshape(100, 40)
+    values[0, 0] = 65535  # an outlier that the 99.5th percentile ignores
+    PILImage.fromarray(values).save(tmp_path / "d.png")
+    tifffile.imwrite(tmp_path / "d.tif", values)
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    expected = np.clip(np.round((values.astype(float) - lo) / (hi - lo) * 255), 0, 255)
+    for name in ("d.png", "d.tif"):
+        (img,) = read_image(tmp_path / name)
+        assert img.pixels.dtype == np.uint8 and img.pixels.shape == (100, 40)
+        assert np.abs(img.pixels.astype(int) - expected).max() <= 1
+        assert img.pixels[0, 0] == 255 and img.pixels[0, 1] == 0
+
+
+def test_image_alpha_and_palette_become_rgb(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top opaque red, bottom transparent
+    PILImage.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    (img,) = read_image(tmp_path / "a.png")
+    assert img.pixels.shape == (4, 4, 3)
+    assert (img.pixels[:2] == (200, 0, 0)).all() and (img.pixels[2:] == 255).all()
+    palette = PILImage.new("P", (3, 2))
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * (254 * 3))
+    palette.putpixel((1, 1), 1)
+    palette.save(tmp_path / "p.png")
+    (img,) = read_image(tmp_path / "p.png")
+    assert img.pixels.shape == (2, 3, 3) and tuple(img.pixels[1, 1]) == (10, 200, 30)
+    assert tuple(img.pixels[0, 0]) == (0, 0, 0)
+
+
+def test_image_multipage_tiff_gives_frames(tmp_path):
+    pages = np.stack([np.full((5, 6), 40 * k, np.uint8) for k in range(3)])
+    with tifffile.TiffWriter(tmp_path / "oct.tif") as tw:
+        for page in pages:
+            tw.write(page)
+    images = read_image(tmp_path / "oct.tif", "OCT")
+    assert [img.frame for img in images] == [0, 1, 2]
+    assert [int(img.pixels[0, 0]) for img in images] == [0, 40, 80]
+
+
+def test_image_bad_files_fail_cleanly(tmp_path):
+    rng = np.random.default_rng(1)
+    PILImage.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
+    PILImage.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.jpg")
+    for name in ("ok.png", "ok.jpg"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    png_with_declared_size(tmp_path / "bomb.png", 100_000, 100_000)
+    png_with_declared_size(tmp_path / "big.png", 12_000, 12_000)  # under PIL's own limit, over ours
+    names = ["cut_ok.png", "cut_ok.jpg", "empty.png", "bomb.png", "big.png", "ok.png"]
+    cfg = IngestConfig(image={"max_pixels": 100_000_000})
+    images, errors = run(image.read, [str(tmp_path / n) for n in names], "DERM", cfg)
+    assert list(images) == [5]
+    assert isinstance(errors[0], DecodeError) and isinstance(errors[1], DecodeError)
+    assert type(errors[2]) is InputError and "not a PNG" in str(errors[2])
+    assert type(errors[3]) is InputError and "decompression-bomb" in str(errors[3])
+    assert type(errors[4]) is InputError and "max_pixels" in str(errors[4])
+    for i, err in errors.items():
+        assert_no_path(err, tmp_path / names[i])
+
+
+def test_image_fundus_is_cropped_to_field_of_view(tmp_path):
+    h, w, r = 200, 300, 80
+    yy, xx = np.mgrid[:h, :w]
+    photo = np.zeros((h, w, 3), np.uint8)
+    photo[(yy - 100) ** 2 + (xx - 140) ** 2 <= r**2] = (180, 90, 40)
+    photo[5, 5] = 255  # a stray bright pixel in the surround does not widen the box
+    PILImage.fromarray(photo).save(tmp_path / "f.png")
+    (img,) = read_image(tmp_path / "f.png", "CFP")
+    # the disc's extreme rows and columns hold too few bright pixels to count: a box a little inside the circle
+    assert 2 * r - 4 <= img.pixels.shape[0] == img.pixels.shape[1] <= 2 * r + 1
+    assert tuple(img.pixels[img.pixels.shape[0] // 2, img.pixels.shape[1] // 2]) == (180, 90, 40)
+    assert (img.pixels[0] == 0).any() and (img.pixels[img.pixels.shape[0] // 2] != 0).all()
+    assert read_image(tmp_path / "f.png", "CFP", fundus_crop=False)[0].pixels.shape == (h, w, 3)
+    assert read_image(tmp_path / "f.png", "DERM")[0].pixels.shape == (h, w, 3)
+
+
+# ------------------------------------------------------------------------------------------------- MedMNIST npz
+
+
+def test_npz_yields_every_sample_with_split_and_label(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    arrays = {
+        "train_images": rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+        "train_labels": rng.integers(0, 9, (5, 1)),
+        "val_images": rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+        "val_labels": rng.integers(0, 9, (2, 1)),
+        "test_images": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        "test_labels": rng.integers(0, 9, (3, 1)),
+    }
+    np.savez_compressed(tmp_path / "m.npz", **arrays)
+    monkeypatch.setattr(npz, "CHUNK_BYTES", 2000)  # a chunk of two samples: reads cross chunk boundaries
+    images = list(npz.read_one(str(tmp_path / "m.npz"), "CXR", IngestConfig()))
+    assert [(img.split, img.frame) for img in images] == [("train", i) for i in range(5)] + [
+        ("val", 0),
+        ("val", 1),
+    ] + [("test", i) for i in range(3)]
+    for img in images:
+        np.testing.assert_array_equal(img.pixels, arrays[f"{img.split}_images"][img.frame])
+        assert img.label == str(arrays[f"{img.split}_labels"][img.frame, 0]) and img.modality == "CXR"
+
+
+def test_npz_rgb_and_multilabel(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=np.uint8)
+    np.savez(tmp_path / "m.npz", test_images=pixels, test_labels=labels)
+    images = list(npz.read_one(str(tmp_path / "m.npz"), "CXR", IngestConfig()))
+    assert [json.loads(img.label) for img in images] == labels.tolist()
+    assert all(img.pixels.shape == (8, 8, 3) and img.split == "test" for img in images)
+
+
+def test_npz_bad_archives_fail_cleanly(tmp_path):
+    ok = np.zeros((2, 4, 4), np.uint8)
+    cases = {
+        "missing_labels.npz": {"train_images": ok},
+        "mismatch.npz": {"train_images": ok, "train_labels": np.zeros((3, 1), np.int64)},
+        "volumes.npz": {"train_images": np.zeros((2, 4, 4, 4), np.uint8), "train_labels": np.zeros((2, 1))},
+        "floats.npz": {"train_images": ok.astype(np.float32), "train_labels": np.zeros((2, 1), np.int64)},
+        "objects.npz": {"train_images": np.array([{"a": 1}, None], dtype=object), "train_labels": np.zeros(2)},
+        "no_splits.npz": {"x": ok},
+    }
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    (tmp_path / "text.npz").write_text("not an archive")
+    names = [*cases, "text.npz"]
+    images, errors = run(npz.read, [str(tmp_path / n) for n in names], "CXR", IngestConfig())
+    assert not images and sorted(errors) == list(range(len(names)))
+    for i, err in errors.items():
+        assert type(err) is InputError, (names[i], err)
+        assert_no_path(err, tmp_path / names[i])
+
+
+# ------------------------------------------------------------------------------------------------- whole slides
+
+SLIDE = 2048
+TISSUE = (180, 60, 150)  # an H&E-like purple
+
+
+def write_slide(path: Path, mpp: float | None = 0.25, tissue: bool = True) -> Path:
+    """A pyramidal tiled TIFF OpenSlide reads as generic-tiff: levels 1, 2, 4; tissue in whole 448-px tiles.
+
+    Tissue covers the level-0 rectangle x 448..1344, y 448..1792 (2 x 3 tiles of 448 px) and a quarter of the
+    tile at the origin (not enough to keep it).
+    """
+    slide = np.full((SLIDE, SLIDE, 3), 255, np.uint8)
+    if tissue:
+        slide[448:1792, 448:1344] = TISSUE
+        slide[:224, :224] = TISSUE
+    with tifffile.TiffWriter(path) as tw:
+        for level in range(3):
+            extra = {} if mpp is None else {"resolution": (1e4 / (mpp * 2**level),) * 2, "resolutionunit": "CENTIMETER"}
+            pixels = slide[:: 2**level, :: 2**level]
+            tw.write(
+                pixels, tile=(256, 256), photometric="rgb", compression="zlib", subfiletype=int(level > 0), **extra
+            )
+    return path
+
+
+def wsi_cfg(**kw) -> IngestConfig:
+    return IngestConfig(wsi={"tile_size": 224, "target_mpp": 0.5, "thumbnail_size": 512, **kw})
+
+
+def test_otsu_separates_two_modes():
+    values = np.concatenate([np.full(900, 10), np.full(100, 200)]).astype(np.uint8)
+    assert 10 <= wsi.otsu_threshold(values) < 200
+
+
+def test_wsi_tiles_tissue_at_target_resolution(tmp_path):
+    path = write_slide(tmp_path / "s.tif")
+    assert wsi.is_slide(str(path))
+    images = list(wsi.read_one(str(path), "PATH", wsi_cfg()))
+    corners = [(img.tile_x, img.tile_y) for img in images]
+    assert corners == [(x, y) for y in (448, 896, 1344) for x in (448, 896)]  # row-major, tissue only
+    for img in images:
+        assert img.pixels.shape == (224, 224, 3) and img.pixels.dtype == np.uint8
+        assert (np.abs(img.pixels.astype(int) - TISSUE) <= 2).all()
+        assert img.tile_level == 1 and img.mpp == 0.5 and img.encoding == "jpeg" and img.modality == "PATH"
+    # 0.25 um/px target: read at level 0 with 224-px tiles; a finer target than the scan still uses level 0
+    fine = list(wsi.read_one(str(path), "PATH", wsi_cfg(target_mpp=0.2)))
+    assert {img.tile_level for img in fine} == {0} and fine[0].pixels.shape == (224, 224, 3)
+    coarse = list(wsi.read_one(str(path), "PATH", wsi_cfg(target_mpp=1.0, min_tissue=0.2)))
+    assert {img.tile_level for img in coarse} == {2}
+    assert (0, 0) in {(img.tile_x, img.tile_y) for img in coarse}  # the quarter-tissue corner passes at 0.2
+
+
+def test_wsi_cap_is_deterministic(tmp_path):
+    path = str(write_slide(tmp_path / "s.tif"))
+    full = [(img.tile_x, img.tile_y) for img in wsi.read_one(path, "PATH", wsi_cfg())]
+
+    def capped(seed: int) -> list[tuple[int, int]]:
+        return [(i.tile_x, i.tile_y) for i in wsi.read_one(path, "PATH", wsi_cfg(max_tiles_per_slide=3, seed=seed))]
+
+    first = capped(0)
+    assert len(first) == 3 and set(first) <= set(full) and first == sorted(first, key=lambda c: (c[1], c[0]))
+    assert capped(0) == first
+    assert len({tuple(capped(seed)) for seed in range(6)}) > 1
+
+
+def test_wsi_without_resolution_uses_assumed_mpp(tmp_path):
+    path = str(write_slide(tmp_path / "s.tif", mpp=None))
+    images = list(wsi.read_one(path, "PATH", wsi_cfg(assumed_mpp=0.5)))
+    assert {img.tile_level for img in images} == {0}
+    side = 224  # at 0.5 um/px assumed and 0.5 target, tiles are 224 level-0 pixels
+    assert len(images) == sum(
+        1
+        for y in range(0, SLIDE - side + 1, side)
+        for x in range(0, SLIDE - side + 1, side)
+        if 448 <= x < 1344 and 448 <= y < 1792 or (x, y) == (0, 0)
+    )
+
+
+def test_wsi_refuses_non_slides_and_blank_slides(tmp_path):
+    PILImage.new("RGB", (64, 64)).save(tmp_path / "photo.tif")  # a strip TIFF: not a slide
+    blank = write_slide(tmp_path / "blank.tif", tissue=False)
+    (tmp_path / "empty.svs").write_bytes(b"")
+    names = ["photo.tif", "blank.tif", "empty.svs"]
+    assert not wsi.is_slide(str(tmp_path / "photo.tif")) and wsi.is_slide(str(blank))
+    images, errors = run(wsi.read, [str(tmp_path / n) for n in names], "PATH", wsi_cfg())
+    assert not images and sorted(errors) == [0, 1, 2]
+    assert "not a whole-slide image" in str(errors[0]) and "not a whole-slide image" in str(errors[2])
+    assert "tissue" in str(errors[1])
+    for i, err in errors.items():
+        assert isinstance(err, InputError)
+        assert_no_path(err, tmp_path / names[i])
+
+
+def test_tile_grid_counts_match_geometry(tmp_path):
+    """Without tissue filtering every whole tile that fits is kept."""
+    import openslide
+
+    with openslide.OpenSlide(str(write_slide(tmp_path / "s.tif"))) as slide:
+        corners, side, level = wsi.tile_grid(slide, wsi_cfg(min_tissue=0.0).wsi)
+    assert side == 448 and level == 1 and len(corners) == math.floor(SLIDE / 448) ** 2
