@@ -2,7 +2,9 @@
 
 Tiles are ``tile_size`` pixels at ``target_mpp`` micrometres per pixel whatever the scanner's resolution, read from
 the finest pyramid level that is not coarser than the target and resized. Background is dropped with an Otsu
-threshold on the saturation of a thumbnail (stained tissue is coloured, glass is grey or white).
+threshold on the saturation of a thumbnail (stained tissue is coloured, glass is grey or white), capped at
+``GLASS_SATURATION``: on a slide that is mostly tissue, Otsu splits the tissue itself (pale eosin from dense
+nuclei) and would call half of it glass.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from PIL import Image as PILImage
 from ingest.image import flatten_alpha
 from ingest.schema import DecodeError, Image, InputError, per_file
 from mermed.config import IngestConfig, WsiConfig
+
+GLASS_SATURATION = 25  # HSV saturation (0-255) above which a pixel is stained; glass and white stay below ~15
 
 
 def is_slide(path: str) -> bool:
@@ -40,9 +44,9 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 
 def tissue_mask(thumbnail: PILImage.Image) -> np.ndarray:
-    """Boolean mask of the pixels whose HSV saturation is above the Otsu threshold."""
+    """Boolean mask of the pixels whose HSV saturation is above the Otsu threshold, capped at GLASS_SATURATION."""
     saturation = np.asarray(thumbnail.convert("RGB").convert("HSV"))[:, :, 1]
-    return saturation > otsu_threshold(saturation)
+    return saturation > min(otsu_threshold(saturation), GLASS_SATURATION)
 
 
 def slide_mpp(slide: openslide.OpenSlide, cfg: WsiConfig) -> float:

@@ -37,6 +37,7 @@ log = logging.getLogger("mermed.pretrain")
 ENCODER_FILE = "encoder.safetensors"
 MLFLOW_RUN_FILE = "mlflow_run.json"
 CHECKPOINT_DIR = "state"  # inside each Ray Train checkpoint
+SPLIT_MIN_ROWS_PER_WORKER = 64
 
 
 @dataclass
@@ -66,6 +67,8 @@ def _checkpoint_candidates(run_uri: str) -> list:
     fs, root = storage.filesystem(run_uri)
     if fs.exists(root):
         for path in sorted(fs.glob(posixpath.join(root, "checkpoint_*")), reverse=True):
+            if not fs.isdir(path):
+                continue  # checkpoint_manager_snapshot.json
             if latest is None or posixpath.normpath(path) != posixpath.normpath(latest.path):
                 candidates.append(ray.train.Checkpoint(path, filesystem=storage.arrow_filesystem(fs)))
     return candidates
@@ -243,6 +246,14 @@ def run_pretrain(
     )
 
     datasets = {_dataset_name(m): decoded_dataset(data, cfg.crops.decode_size, splits, modality=m) for m in modalities}
+    # A modality too small to share out (each worker needs rows of it at every step) goes whole to every worker.
+    rows = {m: sum(counts[m].get(s, 0) for s in splits) for m in modalities}
+    split = [_dataset_name(m) for m in modalities if rows[m] >= SPLIT_MIN_ROWS_PER_WORKER * workers]
+    if len(split) < len(modalities):
+        log.info(
+            "modalities given whole to every worker (too few rows to split): %s",
+            [m for m in modalities if _dataset_name(m) not in split],
+        )
     fs, root = storage.filesystem(storage_uri)
     resources = {"CPU": cfg.run.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
@@ -263,6 +274,7 @@ def run_pretrain(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
         datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=split),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -42,7 +42,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -520,16 +520,26 @@ def search_space(cfg: ProbeSearchConfig) -> dict[str, Any]:
 
 
 def run_sweep(
-    data: SweepData, cfg: ProbeConfig, *, name: str, storage_path: Path, callbacks: list, seed: int
+    data: Any,
+    cfg: ProbeConfig,
+    *,
+    name: str,
+    storage_path: Path,
+    callbacks: list,
+    seed: int,
+    trainable: Callable[..., None] = probe_trial,
 ) -> tuple[dict[str, Any], float]:
-    """Random search with ASHA over ``cfg.search``; returns the best trial's config and its best val AUROC."""
+    """Random search with ASHA over ``cfg.search``; returns the best trial's config and its best val AUROC.
+
+    ``trainable(config, data=data)`` runs one trial (bench/probe.py passes one that re-runs the encoder).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     search = cfg.search
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(probe_trial, data=data), {"cpu": 1}),
+        tune.with_resources(tune.with_parameters(trainable, data=data), {"cpu": 1}),
         param_space=search_space(search),
         tune_config=tune.TuneConfig(
             metric="val_auroc",

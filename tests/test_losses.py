@@ -95,8 +95,10 @@ def _center_worker(rank: int, world: int, init_file: str, results) -> None:
 
 
 def test_center_is_averaged_over_all_workers(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_center_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+        results = dict(results)
     # Rank 0 rows are [0, 1, 2], rank 1 rows [1, 2, 3]: the global mean is [0.5, 1.5, 2.5] on both.
     assert results[0] == results[1] == [[0.5, 1.5, 2.5]]
 

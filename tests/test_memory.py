@@ -107,9 +107,10 @@ def _gather_worker(rank: int, world: int, init_file: str, results) -> None:
 
 
 def test_enqueue_gathers_from_every_worker_in_rank_order(tmp_path):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+        results = dict(results)
     # Round 1 gathers [1, 2 | 11, 12, 13] into slots 0-4; round 2 gathers [101, 102 | 111, 112, 113]: three
     # fill slots 5-7 and two wrap to slots 0-1. Both ranks hold the same memory.
     expected = ([112, 113, 11, 12, 13, 101, 102, 111], 2, 8)

@@ -28,11 +28,13 @@ from pipelines.probe import (
     FEATURES_FILE,
     FEATURES_JSON,
     SUMMARY_COLUMNS,
+    Fit,
     ProbeError,
     extract_features,
     inspect_task,
     load_encoders,
     run_probe,
+    summarize,
 )
 
 MODEL, SIZE = "vit_tiny_patch16_224", 32
@@ -41,7 +43,7 @@ CFG = parse_config(
     {
         "trials": 2,
         "fractions": [0.5, 1.0],
-        "seeds": 2,
+        "seeds": 1,  # several label subsets: test_summary_means_over_label_subsets
         "bootstrap": 200,
         "search": {"epochs": [4], "grace_period": 2, "hidden": [32], "batch_size": 64},
         "extract": {"batch_size": 32},
@@ -148,14 +150,17 @@ def test_summary_table(job) -> None:
         assert lo <= auroc <= hi
         assert auroc > 0.9, r  # bright vs dark is visible even to random weights
         assert 0.5 < float(r["accuracy"]) <= 1
-    # Below 100% of the labels, the summary is the mean over the label subsets of results.csv.
     details = _read_csv(result.output / "results.csv")
-    assert len(details) == 2 * (CFG.seeds + 1)
-    half = [float(d["auroc"]) for d in details if d["encoder"] == "pretrained" and float(d["fraction"]) == 0.5]
-    assert len(half) == CFG.seeds
-    summary_half = next(r for r in rows if r["encoder"] == "pretrained" and float(r["fraction"]) == 0.5)
-    assert float(summary_half["auroc"]) == pytest.approx(np.mean(half))
+    assert len(details) == 4
     assert {int(d["n_train"]) for d in details if float(d["fraction"]) == 0.5} == {32}  # half of 64, per class
+    for d in details:
+        summary = next(r for r in rows if (r["encoder"], r["fraction"]) == (d["encoder"], d["fraction"]))
+        assert (d["auroc"], d["auroc_lo"], d["auroc_hi"]) == (
+            summary["auroc"],
+            summary["auroc_lo"],
+            summary["auroc_hi"],
+        )
+        assert d["head"] in ("mlp", "linear") and int(d["epochs"]) == 4 and float(d["val_auroc"]) > 0.5
     markdown = (result.output / "summary.md").read_text()
     assert markdown.count("| bright | CXR |") == 4
 
@@ -172,7 +177,7 @@ def test_mlflow_parent_with_nested_trials(job) -> None:
     children = mlflow.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
     )
-    assert len(children) == 2 * (CFG.seeds + 1) * CFG.trials  # every trial of every sweep
+    assert len(children) == 4 * CFG.trials  # every trial of every sweep
     assert set(children["tags.encoder"]) == {"pretrained", "random"}
     assert children["metrics.val_auroc"].notna().all()
     assert (children["status"] == "FINISHED").all()
@@ -296,3 +301,32 @@ def test_mean_bootstrap_ci_against_scikit_learn() -> None:
             values.append((roc_auc_score(y[rows], a[rows]) + roc_auc_score(y[rows], b[rows])) / 2)
     assert (lo, hi) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])), abs=1e-12)
     assert mean_bootstrap_ci(y, [a, a], "binary", names, seed=3) == bootstrap_ci(y, a, "binary", names, seed=3)
+
+
+def test_summary_means_over_label_subsets() -> None:
+    """Below 100% of the labels a summary row is the mean over subsets, with the patient CI of that mean."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat([f"p{i:02d}" for i in range(30)], 2).astype(object)
+    y = np.tile([0, 1], 30)
+    common = {"task": "t", "modality": "CT", "encoder": "pretrained", "n_train": 6, "config": {}, "val_auroc": 0.9}
+    fits = [
+        Fit(
+            **common,
+            fraction=f,
+            seed=seed,
+            auroc=a,
+            auroc_lo=0,
+            auroc_hi=1,
+            accuracy=acc,
+            y_test=y,
+            scores=y + rng.normal(0, sd, y.size),
+            groups=groups,
+        )  # fmt: skip
+        for f, seed, a, acc, sd in [(0.1, 0, 0.7, 0.6, 2.0), (0.1, 1, 0.8, 0.7, 1.0), (1.0, 0, 0.9, 0.8, 0.5)]
+    ]
+    rows = summarize(fits, {"t": "binary"}, n_boot=100)
+    assert [(r["fraction"], r["n_test"]) for r in rows] == [(0.1, 60), (1.0, 60)]
+    assert (rows[0]["auroc"], rows[0]["accuracy"]) == pytest.approx((0.75, 0.65))
+    ci = mean_bootstrap_ci(y, [fits[0].scores, fits[1].scores], "binary", groups, n_boot=100)
+    assert (rows[0]["auroc_lo"], rows[0]["auroc_hi"]) == ci
+    assert (rows[1]["auroc_lo"], rows[1]["auroc_hi"]) == bootstrap_ci(y, fits[2].scores, "binary", groups, n_boot=100)

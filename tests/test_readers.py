@@ -442,6 +442,15 @@ def test_otsu_separates_two_modes():
     assert 10 <= wsi.otsu_threshold(values) < 200
 
 
+def test_tissue_mask_keeps_dense_tissue():
+    """A slide that is mostly tissue: Otsu alone would split pale eosin from dense nuclei and drop the eosin."""
+    rgb = np.full((100, 100, 3), (240, 150, 200), np.uint8)  # pink eosin, HSV saturation ~95
+    rgb[::2] = (90, 40, 140)  # purple nuclei on every other row, saturation ~180
+    rgb[:, :10] = 245  # a strip of glass
+    mask = wsi.tissue_mask(PILImage.fromarray(rgb))
+    assert mask[:, 10:].all() and not mask[:, :10].any()
+
+
 def test_wsi_tiles_tissue_at_target_resolution(tmp_path):
     path = write_slide(tmp_path / "s.tif")
     assert wsi.is_slide(str(path))
