@@ -7,7 +7,18 @@ Prints the time of each path and the ratio naive / cached (extraction included o
 a synthetic labelled ingest output (one shard and its manifest) written into a temporary folder.
 """
 
+# ruff: noqa: E402 - imports follow the sys.path fix below
+
 from __future__ import annotations
+
+import os
+import sys
+
+# This file's folder on sys.path would shadow the ``ingest`` package (bench/ingest.py), here and in Ray workers.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import argparse
 import json

@@ -159,7 +159,8 @@ def discover(
             kind = _kind_of(rel) if _inside_root(fs, path, base) else "outside_root"
             label = labels.get(rel)
             modality = None if cfg.modality == "auto" else cfg.modality
-            modality = modality or (label.modality if label else None) or modality_from_path(rel)
+            named = posixpath.basename(base.rstrip("/")) + "/" + rel  # the root's own name may name the modality
+            modality = modality or (label.modality if label else None) or modality_from_path(named)
             files.append(InputFile(len(files), uri, rel, kind, modality, label))
     matched = sum(1 for f in files if f.label is not None)
     units: list[Unit] = []

@@ -31,8 +31,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # ``python pipelines/probe.py`` from a checkout without an install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # ``python pipelines/probe.py``: the repository on sys.path, not this folder, whose
+    _here = Path(__file__).resolve().parent  # ingest.py would shadow the ingest package (in Ray workers too)
+    sys.path[:] = [str(_here.parent), *(p for p in sys.path if Path(p or ".").resolve() != _here)]
 
 import csv
 import hashlib
@@ -159,9 +160,12 @@ def timm_encoder(model_name: str, path: str | Path, img_size: int) -> Encoder:
         raise ProbeError(f"baseline {model_name}: weights file {path.name} not found")
     try:
         model = build_backbone(model_name, img_size)
-        state = timm.models.load_state_dict(str(path), weights_only=True)
-    except (ValueError, RuntimeError, OSError) as err:
+    except ValueError as err:
         raise ProbeError(f"baseline {model_name}: {err}") from None
+    try:
+        state = timm.models.load_state_dict(str(path), weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch, pickle and safetensors each raise their own
+        raise ProbeError(f"baseline {model_name}: cannot read {path.name} as a state dict ({err})") from None
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
@@ -340,11 +344,20 @@ class EncoderActor:
                 emb = self.model(x).float().cpu().numpy()
         else:
             emb = np.zeros((0, self.embed_dim), np.float32)
-        columns = {
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.embed_dim),
-            "label": pc.cast(batch[self.label], pa.string()),
-        }
-        return pa.table({**columns, **{c: batch[c] for c in _META_COLUMNS}})
+        columns = [
+            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.embed_dim),
+            pc.cast(batch[self.label], pa.string()),
+            *(batch[c] for c in _META_COLUMNS),
+        ]
+        return pa.Table.from_arrays(columns, schema=features_schema(self.embed_dim))
+
+
+def features_schema(embed_dim: int) -> pa.Schema:
+    """The cached features: one fixed-size float32 embedding per labelled row, with what the probes need."""
+    return pa.schema(
+        [("embedding", pa.list_(pa.float32(), embed_dim)), ("label", pa.string())]
+        + [(c, pa.string()) for c in _META_COLUMNS]
+    )
 
 
 def _actor_pool(cfg: ExtractConfig) -> tuple[int, float]:
@@ -409,15 +422,11 @@ def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: 
     staging.mkdir(parents=True)
     rows = 0
     try:
-        writer = None
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if batch.num_rows == 0:
-                continue
-            writer = writer or pq.ParquetWriter(staging / FEATURES_FILE, batch.schema, compression="zstd")
-            writer.write_table(batch)
-            rows += batch.num_rows
-        if writer is not None:
-            writer.close()
+        schema = features_schema(encoder.embed_dim)
+        with pq.ParquetWriter(staging / FEATURES_FILE, schema, compression="zstd") as writer:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                writer.write_table(batch.cast(schema))
+                rows += batch.num_rows
         expected_rows = sum(data.counts.values())
         if rows != expected_rows:
             raise ProbeError(f"task {task.name}: extracted {rows} rows but found {expected_rows}; did the data change?")

@@ -17,8 +17,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session (2 CPUs, as on CI)."""
+def ray_session(s3_server):
+    """One local Ray for the whole session (2 CPUs, as on CI).
+
+    Started after the S3 server so that its endpoint and credentials reach Ray's workers through the environment.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -57,7 +57,7 @@ def _bad_files(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus") / "raw"
-    info = make_sample_corpus(root, per_class=3, size=64, seed=0)
+    info = make_sample_corpus(root, per_class=3, size=64, seed=0, slide_size=512)
     copy_pydicom_testdata(root / "pydicom")
     bad = _bad_files(root)
     return info, bad
