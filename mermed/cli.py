@@ -164,7 +164,7 @@ def probe(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="where the corpus, shards, runs and MLflow store go")] = Path(
+    workdir: Annotated[Path, typer.Option(help="corpus, shards, runs, MLflow")] = Path(
         "demo_work"
     ),
     steps: Annotated[int | None, typer.Option(help="override the tiny config's pretraining steps")] = None,

@@ -208,8 +208,8 @@ def _probabilities(logits: torch.Tensor, task: Task) -> np.ndarray:
 
 def _targets(y: np.ndarray, task: Task) -> torch.Tensor:
     if task == "multilabel":
-        return torch.as_tensor(np.asarray(y, dtype=np.float32))
-    return torch.as_tensor(np.asarray(y, dtype=np.int64))
+        return torch.tensor(np.asarray(y, dtype=np.float32))
+    return torch.tensor(np.asarray(y, dtype=np.int64))
 
 
 def fit_probe(
@@ -231,8 +231,9 @@ def fit_probe(
     with the highest val AUROC (the earliest on ties), in eval mode. Same inputs and ``cfg.seed``, same probe;
     the caller's torch RNG state is left as it was. ``n_classes`` (multiclass) defaults to the largest index + 1.
     """
-    xt = torch.as_tensor(np.asarray(train_x, dtype=np.float32))
-    xv = torch.as_tensor(np.asarray(val_x, dtype=np.float32))
+    # Copies: arrays from Ray's object store (Tune trials) are read-only, which torch tensors cannot share.
+    xt = torch.tensor(np.asarray(train_x, dtype=np.float32))
+    xv = torch.tensor(np.asarray(val_x, dtype=np.float32))
     train_y, val_y = np.asarray(train_y), np.asarray(val_y)
     if xt.ndim != 2 or xv.ndim != 2 or xt.shape[1] != xv.shape[1]:
         raise ValueError(f"features must be (N, D) with equal D, got {tuple(xt.shape)}, {tuple(xv.shape)}")
@@ -286,7 +287,7 @@ def predict_scores(model: Probe, x: np.ndarray) -> np.ndarray:
     """Probabilities for ``metrics.auroc``: binary (N,) of classes[1], multiclass (N, K), multilabel (N, L)."""
     model.eval()
     with torch.no_grad():
-        logits = model(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+        logits = model(torch.tensor(np.asarray(x, dtype=np.float32)))
     return _probabilities(logits, model.task)
 
 
