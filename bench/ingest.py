@@ -162,7 +162,7 @@ def _machine_busy() -> float:
 def _part(pid: int, title: str) -> str:
     if pid == os.getpid():
         return "driver"
-    if title.startswith(("ray::MapBatches", "ray::IDLE")) or title.endswith("default_worker.py"):
+    if title.startswith(("ray::MapBatches", "ray::IDLE")):  # Ray Data read workers, busy or between tasks
         return "read tasks"
     return "Ray services"  # raylet, GCS, Ray Data's actors, dashboard agent, log monitor...
 

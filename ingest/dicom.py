@@ -8,6 +8,7 @@ names, dates and every other header value stay here.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_
 from pydicom.pixels.utils import get_nr_frames
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ingest.image import scale_to_uint8
+from ingest.image import require_finite, scale_to_uint8
 from ingest.schema import DecodeError, Image, InputError, ReadResult
 from mermed.config import IngestConfig
 
@@ -33,6 +34,8 @@ MODALITIES = {"CT": "CT", "CR": "CXR", "DX": "CXR", "DR": "CXR", "US": "US"}
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Enhanced multi-frame objects put rescale and window per frame in these functional groups.
 FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+# Samples per pixel that each photometric interpretation implies (PS3.3 C.7.6.3.1.2).
+SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "HSV": 3, "ARGB": 4, "CMYK": 4}
 
 
 @dataclass
@@ -80,27 +83,32 @@ def _transfer_syntax(ds: Dataset) -> UID | None:
 
 
 def dicom_modality(ds: Dataset) -> str:
-    """The project's modality for a header's Modality code; ``OT`` (DICOM's "other") when absent."""
+    """The project's modality for a header's Modality code; ``OT`` (DICOM's "other") when absent or not a code
+    (a CS value: up to 16 capitals, digits, spaces, underscores), so that a corrupt header names no modality."""
     code = str(ds.get("Modality") or "OT").strip().upper()
-    return MODALITIES.get(code, code)
+    return MODALITIES.get(code, code) if re.fullmatch(r"[A-Z0-9_ ]{1,16}", code) else "OT"
 
 
 def _position(ds: Dataset) -> float | None:
-    """Position of a slice along its normal (ImagePositionPatient projected on the ImageOrientationPatient normal)."""
+    """Position of a slice along its normal (ImagePositionPatient projected on the ImageOrientationPatient normal).
+
+    None when absent or unusable: ordering falls back, and a broken value never fails the other files.
+    """
     try:
         orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
         position = np.asarray([float(v) for v in ds.ImagePositionPatient])
-    except (AttributeError, TypeError, ValueError):
+        if orientation.shape != (6,) or position.shape != (3,):
+            return None
+        along = float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
+    except Exception:  # noqa: BLE001 - any broken value: this key is not usable
         return None
-    if orientation.shape != (6,) or position.shape != (3,):
-        return None
-    return float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
+    return along if math.isfinite(along) else None
 
 
 def _instance_number(ds: Dataset) -> int | None:
     try:
         return int(ds.InstanceNumber)
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - as above
         return None
 
 
@@ -121,7 +129,10 @@ def _frame_view(ds: Dataset, index: int) -> Dataset:
     The image pixel, modality LUT and VOI LUT modules all live in group 0028, so a view holds only that group.
     """
     groups = [ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")]
-    items = [groups[0][0] if groups[0] else None, groups[1][index] if groups[1] and index < len(groups[1]) else None]
+    items = [
+        groups[0][0] if groups[0] else None,
+        groups[1][index] if groups[1] and index < len(groups[1]) else None,
+    ]
     overrides = [item[k][0] for item in items if item is not None for k in FRAME_GROUPS if item.get(k)]
     if not overrides:
         return ds
@@ -150,7 +161,7 @@ def _greyscale(values: np.ndarray, ds: Dataset) -> np.ndarray:
         return scale_to_uint8(apply_voi(np.rint(values).astype(np.int64), ds), 0, 2**bits - 1)
     if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        if width > 0:
+        if width > 0 and math.isfinite(center) and math.isfinite(width):  # else the image's own range
             return _window(values, center, width)
     return scale_to_uint8(values, float(values.min()), float(values.max()))
 
@@ -164,7 +175,8 @@ def _to_uint8(arr: np.ndarray, ds: Dataset, modality: str, cfg: IngestConfig) ->
         rgb = apply_color_lut(arr, ds)[..., :3]  # drop an alpha palette
         # Some writers put 8-bit entries in a 16-bit table: scale by what the table holds, not by its type.
         return rgb.astype(np.uint8) if rgb.max() <= 255 else scale_to_uint8(rgb, 0, 65535)
-    values = apply_modality_lut(arr, ds)
+    with np.errstate(over="ignore", invalid="ignore"):  # a rescale that overflows is refused just below
+        values = require_finite(apply_modality_lut(arr, ds))
     if modality == "CT":  # Hounsfield units through three windows -> three channels
         return np.stack([_window(values, w.center, w.width) for w in cfg.dicom.ct_windows], axis=-1)
     grey = _greyscale(values, ds)
@@ -177,8 +189,8 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 
 def _message(err: Exception) -> str:
-    """A library error as one short line."""
-    return re.sub(r"\s+", " ", f"{type(err).__name__}: {err}")[:300]
+    """A library error as one short printable line (it may quote a corrupt header value byte for byte)."""
+    return re.sub(r"[^\x20-\x7e]", "?", re.sub(r"\s+", " ", f"{type(err).__name__}: {err}"))[:300]
 
 
 def _images(path: str, header: Dataset, frame: int | None, modality: str | None, cfg: IngestConfig) -> Iterator[Image]:
@@ -188,8 +200,23 @@ def _images(path: str, header: Dataset, frame: int | None, modality: str | None,
         if "Rows" in header:  # an image whose pixel data was cut off (pydicom drops an incomplete element)
             raise DecodeError("DICOM image has no pixel data: the file is probably truncated")
         raise InputError("DICOM object has no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip()
+    samples = ds.get("SamplesPerPixel")
+    expected = 3 if photometric.startswith("YBR") else SAMPLES.get(photometric)
+    if expected is not None and samples is not None and samples != expected:
+        # The pixel layout follows SamplesPerPixel: the other half of the header would be silently ignored.
+        raise DecodeError(
+            f"PhotometricInterpretation {photometric} needs {expected} samples per pixel, the header says {samples}"
+        )
     syntax = _transfer_syntax(ds)
-    named = f"{syntax} ({syntax.name})" if syntax else "(none stated)"
+    # A corrupt UID is not echoed: its bytes may be anything.
+    named = (
+        f"{syntax} ({syntax.name})"
+        if syntax and syntax.is_valid
+        else "(not a valid UID)"
+        if syntax
+        else "(none stated)"
+    )
     try:
         n_frames = get_nr_frames(ds, warn=False)
         indices = range(0, n_frames, cfg.dicom.frame_stride)[: cfg.dicom.max_frames]
@@ -213,6 +240,12 @@ def _images(path: str, header: Dataset, frame: int | None, modality: str | None,
         raise DecodeError(f"cannot decode pixel data with transfer syntax {named}: {_message(err)}") from None
 
 
+def _input_error(err: Exception) -> InputError:
+    """Our own errors as they are; anything else a corrupt header made a library raise, by its class only (its
+    message may quote header values)."""
+    return err if isinstance(err, InputError) else DecodeError(f"DICOM file is corrupt ({type(err).__name__})")
+
+
 def read(paths: list[str], modality: str | None, cfg: IngestConfig) -> Iterator[ReadResult]:
     """Read a directory's DICOM files: group them by series, order each series' slices, decode file by file."""
     series: dict[object, list[_Header]] = {}
@@ -222,7 +255,7 @@ def read(paths: list[str], modality: str | None, cfg: IngestConfig) -> Iterator[
             header = _Header(i, ds, single_frame=get_nr_frames(ds, warn=False) == 1)
             uid = _text(ds, "SeriesInstanceUID")
         except Exception as err:  # noqa: BLE001 - the file is quarantined, the others are still read
-            yield i, err
+            yield i, _input_error(err)
             continue
         series.setdefault(uid or ("file", i), []).append(header)
     for members in series.values():
@@ -233,7 +266,7 @@ def read(paths: list[str], modality: str | None, cfg: IngestConfig) -> Iterator[
                 for image in _images(paths[header.index], header.ds, rank.get(header.index), modality, cfg):
                     yield header.index, image
             except Exception as err:  # noqa: BLE001 - as above
-                yield header.index, err
+                yield header.index, _input_error(err)
 
 
 __all__ = ["dicom_modality", "read"]

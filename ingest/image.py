@@ -6,6 +6,7 @@ becomes one image with its page index as ``frame``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -20,11 +21,29 @@ FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 FUNDUS_THRESHOLD = 20  # grey level above which a pixel is inside the fundus camera's field of view
 
 
+def require_finite(values: np.ndarray) -> np.ndarray:
+    """Refuse NaN and infinite pixel values: no window maps them to a meaningful grey, and a cast would give
+    platform-dependent garbage. An input with them is quarantined rather than stored as a black or noisy image."""
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        raise DecodeError(f"{bad} of {values.size} pixel values are NaN or infinite")
+    return values
+
+
 def scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``[lo, hi]`` linearly onto 0..255, clipping outside; a constant image becomes black."""
-    if not hi > lo:
+    """Map ``[lo, hi]`` linearly onto 0..255, clipping outside; a constant image becomes black.
+
+    ``values`` must be finite. float32 halves the memory traffic; float64 data or a window beyond float32's range
+    is computed in float64, and a window wider than float64 can hold is halved first (the same mapping).
+    """
+    if not hi > lo:  # also a NaN bound
         return np.zeros(values.shape, dtype=np.uint8)
-    out = (values.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise DecodeError(f"display window [{lo}, {hi}] is not finite")
+    if not math.isfinite(hi - lo):
+        return scale_to_uint8(values / 2, lo / 2, hi / 2)
+    ftype = np.float64 if values.dtype == np.float64 or max(abs(lo), abs(hi)) > 1e30 else np.float32
+    out = (values.astype(ftype) - ftype(lo)) * ftype(255.0 / (hi - lo))
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -48,7 +67,7 @@ def to_uint8_pixels(img: PILImage.Image) -> np.ndarray:
     if img.mode == "1":
         return np.asarray(img.convert("L"))
     if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float greyscale
-        values = np.asarray(img)
+        values = require_finite(np.asarray(img))
         lo, hi = np.percentile(values, [0.5, 99.5])
         return scale_to_uint8(values, float(lo), float(hi))
     return np.asarray(img.convert("RGB"))
@@ -106,4 +125,12 @@ def read_one(path: str, modality: str | None, cfg: IngestConfig) -> Iterator[Ima
 
 read = per_file(read_one)
 
-__all__ = ["crop_fundus", "flatten_alpha", "read", "read_one", "scale_to_uint8", "to_uint8_pixels"]
+__all__ = [
+    "crop_fundus",
+    "flatten_alpha",
+    "read",
+    "read_one",
+    "require_finite",
+    "scale_to_uint8",
+    "to_uint8_pixels",
+]

@@ -149,6 +149,9 @@ def discover(
     files: list[InputFile] = []
     for src in inputs:
         fs, root = storage.filesystem(src)
+        if not storage.is_remote(src):
+            # `raw/cfp/x/..` is raw/cfp, whose name may name the modality; links stay (containment uses realpath)
+            root = os.path.normpath(root)
         if not fs.exists(root):
             raise IngestError(f"input {src} does not exist")
         base = root if not fs.isfile(root) else posixpath.dirname(root)
@@ -475,7 +478,8 @@ def run_ingest(
     out_fs, out = storage.filesystem(output)
     exclude = {labels_csv} if labels_csv else set()
     if labels_csv:
-        exclude.add(storage.filesystem(labels_csv)[1])
+        labels_path = storage.filesystem(labels_csv)[1]
+        exclude |= {labels_path, os.path.normpath(labels_path)}
     files, units, unmatched = discover(inputs, cfg, labels, exclude)
     if not files:
         raise IngestError("no input file found under the given --input paths")
@@ -548,8 +552,7 @@ def run_ingest(
         }
         _commit(out_fs, out, staging, writer.written, failed_rows, manifest, previous)
     finally:
-        if out_fs.exists(staging):
-            out_fs.rm(staging, recursive=True)
+        _remove_staging(out_fs, staging)
     log.info(
         "ingest: %d discovered, %d ingested, %d quarantined, %d rows, %d duplicates",
         manifest["discovered"],
@@ -561,10 +564,21 @@ def run_ingest(
     return IngestResult(output, manifest)
 
 
+def _remove_staging(fs, staging: str) -> None:
+    """Best effort: a store that is down must not replace the error that ended the run by one about cleaning
+    up (the folder is hidden from readers, and the next successful run removes it)."""
+    try:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+    except Exception as err:  # noqa: BLE001
+        log.warning("ingest: could not remove the staging folder (%s); the next run removes it", type(err).__name__)
+
+
 def _commit(
     fs, out: str, staging: str, shards: list[str], failed: list[dict], manifest: dict, previous: dict | None
 ) -> None:
-    """Move the new shards into place, write the quarantine table, then the manifest last."""
+    """Move the new shards into place, write the quarantine table, then the manifest last; then remove what
+    crashed runs left in their staging folders."""
     stale = set(previous.get("shards", [])) if previous else set()
     stale |= {posixpath.relpath(p, out) for p in fs.glob(posixpath.join(out, "modality=*", "part-*.parquet"))}
     for rel in sorted(stale - set(shards)):
@@ -586,3 +600,6 @@ def _commit(
     with fs.open(tmp, "wb") as fh:
         fh.write(json.dumps(manifest, indent=2, sort_keys=False).encode())
     fs.mv(tmp, posixpath.join(out, MANIFEST))
+    for leftover in fs.glob(posixpath.join(out, "_staging-*")):  # of runs that crashed before their commit
+        if posixpath.normpath(leftover) != posixpath.normpath(staging):
+            fs.rm(leftover, recursive=True)

@@ -20,6 +20,7 @@ from ingest.image import flatten_alpha
 from ingest.schema import DecodeError, Image, InputError, per_file
 from mermed.config import IngestConfig, WsiConfig
 
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, both byte orders
 GLASS_SATURATION = 25  # HSV saturation (0-255) above which a pixel is stained; glass and white stay below ~15
 
 
@@ -63,7 +64,10 @@ def tile_grid(slide: openslide.OpenSlide, cfg: WsiConfig) -> tuple[list[tuple[in
     width, height = slide.dimensions
     side = cfg.tile_size * cfg.target_mpp / slide_mpp(slide, cfg)  # tile side in level-0 pixels
     # The finest level whose resolution is not coarser than the target (a level's downsample <= side / tile_size).
-    level = max((i for i, d in enumerate(slide.level_downsamples) if d <= side / cfg.tile_size * (1 + 1e-6)), default=0)
+    level = max(
+        (i for i, d in enumerate(slide.level_downsamples) if d <= side / cfg.tile_size * (1 + 1e-6)),
+        default=0,
+    )
     thumbnail = slide.get_thumbnail((cfg.thumbnail_size, cfg.thumbnail_size))
     mask = tissue_mask(thumbnail)
     sy, sx = mask.shape[0] / height, mask.shape[1] / width
@@ -86,7 +90,10 @@ def read_one(path: str, modality: str | None, cfg: IngestConfig) -> Iterator[Ima
     try:
         slide = openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
-        raise InputError("not a whole-slide image OpenSlide can read") from None
+        with open(path, "rb") as fh:
+            tiff = fh.read(4) in TIFF_MAGIC
+        detail = " (a TIFF that is not tiled, or is truncated)" if tiff else ""
+        raise InputError(f"not a whole-slide image OpenSlide can read{detail}") from None
     except openslide.OpenSlideError:  # OpenSlide's own messages can name the file: not passed on
         raise DecodeError("OpenSlide cannot open the slide") from None
     with slide:

@@ -167,6 +167,8 @@ class RunConfig(StrictModel):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     cpus_per_worker: float = Field(default=1.0, gt=0)  # leave CPUs to Ray Data's decoding on small machines
     keep_checkpoints: int = Field(default=3, ge=1)  # older ones are the fallback for a corrupt latest one
+    # Keep Ray Data's row order (slower): a resumed run then draws exactly the batches of an uninterrupted one.
+    deterministic_data: bool = False
 
 
 class TrackingConfig(StrictModel):
@@ -326,6 +328,8 @@ class ProbeSearchConfig(StrictModel):
             raise ValueError("search.dropout must stay below 1")
         if min(self.hidden) < 1 or min(self.epochs) < 1:
             raise ValueError("search.hidden and search.epochs must be positive")
+        if self.grace_period > max(self.epochs):
+            raise ValueError("search.grace_period must not exceed the largest search.epochs")
         return self
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -117,6 +118,9 @@ class _Stream:
     A modality whose pass fits in ``cache_bytes`` is kept in memory after its first pass and re-served in a
     fresh seeded order: a new streaming pass costs seconds of start-up, which a small modality cycling at
     every step would otherwise pay at every step.
+
+    The rows served are one fixed sequence (pass 0 as streamed, then pass ``e`` re-streamed or permuted by
+    ``(seed, e)``), so ``fast_forward`` can continue it exactly where a previous process stopped.
     """
 
     def __init__(self, make_iter: Callable[[int], Iterator[dict[str, np.ndarray]]], cache_bytes: int, seed: int):
@@ -157,6 +161,21 @@ class _Stream:
                 self.first_pass = None
         return batch
 
+    def fast_forward(self, rows: int, pass_rows: int) -> None:
+        """Continue as if ``rows`` rows had been taken, passes being ``pass_rows`` long; at most one pass is
+        read again: pass 0 when later passes come from the cache (it decides whether they do, and fills it),
+        else only the rows skipped in the current pass."""
+        epoch, within = divmod(rows, pass_rows)
+        if epoch:
+            while self.epoch == 0 and self.first_pass is not None:
+                self._pull()
+            if self.cached is None:  # too big to cache: start the current pass directly
+                self.first_pass, self.rows_this_pass = None, 0
+                self.it = iter(self.make_iter(epoch))
+            self.epoch = epoch
+        if within:
+            self.take(within)
+
     def take(self, n: int) -> dict[str, np.ndarray]:
         while self.pending_rows < n:
             batch = self._pull()
@@ -195,11 +214,32 @@ class BalancedBatches:
         self.streams = {m: _Stream(streams[m], cache_bytes, seed + rank) for m in self.modalities}
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
-    def next(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-        """This worker's batch for ``step``. The extras rotate over steps and workers, so the global batch
-        (all workers) is balanced within one image as well."""
+    def counts(self, step: int) -> dict[str, int]:
+        """Rows per modality in this worker's batch for ``step``. The extras rotate over steps and workers, so
+        the global batch (all workers) is balanced within one image as well."""
         extra = self.batch_size % len(self.modalities)
-        counts = modality_counts(self.batch_size, self.modalities, (step * self.world_size + self.rank) * extra)
+        return modality_counts(self.batch_size, self.modalities, (step * self.world_size + self.rank) * extra)
+
+    def fast_forward(self, step: int, pass_rows: Mapping[str, int]) -> None:
+        """Resume at ``step``: each stream skips the rows that steps ``0..step-1`` took from it.
+
+        ``pass_rows`` is the number of rows one pass of each modality gives this worker. The counts repeat
+        with a period of ``len(modalities)`` steps, so the total is cheap at any step.
+        """
+        period = len(self.modalities)
+        whole, part = divmod(step, period)
+        per_period: Counter[str] = Counter()
+        for t in range(period):
+            per_period.update(self.counts(t))
+        rest: Counter[str] = Counter()
+        for t in range(part):
+            rest.update(self.counts(t))
+        for m, stream in self.streams.items():
+            stream.fast_forward(whole * per_period[m] + rest[m], pass_rows[m])
+
+    def next(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """This worker's batch for ``step`` and its rows per modality."""
+        counts = self.counts(step)
         parts = [self.streams[m].take(c) for m, c in counts.items() if c]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return batch, counts

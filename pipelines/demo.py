@@ -11,6 +11,8 @@ run reuses every stage that is already done.
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -44,13 +46,31 @@ def _stage(name: str, fn: Callable[[], T]) -> T:
     return out
 
 
+def _assign_splits(labels_csv: Path) -> None:
+    """Give every patient a split in the label CSV (60/20/20 by a hash of the MRN).
+
+    Ingest would split by the keyed patient pseudonym, and the demo's key is random per machine; explicit splits
+    make the demo's small validation and test sets the same everywhere, as a published dataset's splits are.
+    """
+    with labels_csv.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        bucket = int(hashlib.sha256(row["patient_id"].encode()).hexdigest()[:8], 16) % 10
+        row["split"] = "train" if bucket < 6 else "val" if bucket < 8 else "test"
+    with labels_csv.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _corpus(workdir: Path, per_class: int) -> Path:
     from ingest.samples import copy_pydicom_testdata, make_sample_corpus
 
     raw = workdir / "raw"
     done = raw / ".complete"
     if not done.exists():
-        make_sample_corpus(raw, per_class=per_class, size=128, seed=0, slide_size=768)
+        info = make_sample_corpus(raw, per_class=per_class, size=128, seed=0, slide_size=768)
+        _assign_splits(info.labels_csv)
         copy_pydicom_testdata(raw / "pydicom_testdata")
         done.write_text("ok\n")
     return raw

@@ -4,7 +4,7 @@
 Outputs live under ``STORAGE/RUN/``: Ray Train's checkpoints (``state.safetensors`` + ``meta.json``, no pickle), and
 at the end ``encoder.safetensors`` + ``encoder.json`` (the teacher backbone), which the probe stage loads.
 Re-running the same command resumes from the latest checkpoint; a worker that dies mid-run is replaced and the
-group restarts from the latest checkpoint (``FailureConfig``).
+group restarts from the latest checkpoint (``FailureConfig``), each data stream continuing where it stopped.
 """
 
 from __future__ import annotations
@@ -132,6 +132,11 @@ def train_loop_per_worker(config: dict) -> None:
     crops = MultiCrop.from_config(cfg.crops)
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
     run_id = config["mlflow_run_id"]
+    if restored:
+        # Same rows as an uninterrupted run would draw next (the same rows exactly under run.deterministic_data).
+        batches.fast_forward(state.step, config["pass_rows"])
+        if client is not None:  # a restart (worker failure or re-run) shows in MLflow
+            client.log_metric(run_id, "resumed_at_step", state.step, step=state.step)
 
     while state.step < cfg.run.steps:
         started = time.perf_counter()
@@ -204,6 +209,16 @@ def _export(checkpoint, cfg: PretrainConfig, run_uri: str) -> str:
     return storage.join(run_uri, ENCODER_FILE)
 
 
+def _ingest_options(cfg: PretrainConfig):
+    """Ray Train's default data options, keeping the rows in shard order under ``run.deterministic_data``
+    (what makes a resumed run draw exactly the batches of an uninterrupted one)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = options.preserve_order or cfg.run.deterministic_data
+    return options
+
+
 def run_pretrain(
     cfg: PretrainConfig,
     data: Sequence[str],
@@ -249,6 +264,8 @@ def run_pretrain(
     # A modality too small to share out (each worker needs rows of it at every step) goes whole to every worker.
     rows = {m: sum(counts[m].get(s, 0) for s in splits) for m in modalities}
     split = [_dataset_name(m) for m in modalities if rows[m] >= SPLIT_MIN_ROWS_PER_WORKER * workers]
+    # Rows one pass gives each worker (Ray's equal split drops the remainder): where a resumed run continues.
+    pass_rows = {m: rows[m] // workers if _dataset_name(m) in split else rows[m] for m in modalities}
     if len(split) < len(modalities):
         log.info(
             "modalities given whole to every worker (too few rows to split): %s",
@@ -264,6 +281,7 @@ def run_pretrain(
             "run_uri": run_uri,
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
+            "pass_rows": pass_rows,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -274,7 +292,7 @@ def run_pretrain(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=split),
+        dataset_config=ray.train.DataConfig(datasets_to_split=split, execution_options=_ingest_options(cfg)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -40,7 +40,10 @@ import hashlib
 import json
 import logging
 import math
+import os
+import posixpath
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -63,7 +66,7 @@ from mermed.config import (
 )
 from mermed.data import decode_square, read_manifest, shard_uris
 from mermed.metrics import accuracy, auroc, bootstrap_ci, mean_bootstrap_ci
-from mermed.models import build_backbone, check_state_dict, embed_dim_of, load_encoder
+from mermed.models import ENCODER_JSON, EncoderInfo, build_backbone, check_state_dict, embed_dim_of, load_encoder
 from mermed.probe import encode_labels, fit_probe, predict_scores, subsample_labels
 
 log = logging.getLogger("mermed.probe")
@@ -103,6 +106,7 @@ RESULT_COLUMNS = (
     "accuracy",
     "n_test",
 )
+METRICS = ("auroc", "auroc_lo", "auroc_hi", "accuracy")  # logged on the parent run per task/encoder/fraction
 _META_COLUMNS = ("split", "modality", "patient_id", "source")
 _HYPER = ("head", "lr", "weight_decay", "hidden", "dropout", "epochs")  # what a sweep searches
 
@@ -184,10 +188,24 @@ def timm_encoder(model_name: str, path: str | Path, img_size: int) -> Encoder:
     return _encoder(model_name, model_name, img_size, model)
 
 
+def _load_exported(encoder: str | Path) -> tuple[torch.nn.Module, EncoderInfo]:
+    """``load_encoder`` for a local path or an s3:// URI (copied with its encoder.json into a temporary folder)."""
+    if not storage.is_remote(str(encoder)):
+        return load_encoder(encoder)
+    fs, path = storage.filesystem(str(encoder))
+    with tempfile.TemporaryDirectory() as tmp:
+        for remote in (path, posixpath.join(posixpath.dirname(path), ENCODER_JSON)):
+            if not fs.exists(remote):
+                raise FileNotFoundError(f"{posixpath.basename(remote)} not found beside the encoder")
+            fs.get(remote, os.path.join(tmp, posixpath.basename(remote)))
+        return load_encoder(os.path.join(tmp, posixpath.basename(path)))
+
+
 def load_encoders(encoder: str | Path, baselines: Sequence[str], baseline_seed: int = 0) -> list[Encoder]:
-    """The exported encoder (tag ``pretrained``) and the baselines: ``random`` or ``TIMM_NAME=PATH``."""
+    """The exported encoder (tag ``pretrained``; local or s3://) and the baselines: ``random`` or
+    ``TIMM_NAME=PATH`` (a local file)."""
     try:
-        model, info = load_encoder(encoder)
+        model, info = _load_exported(encoder)
     except (ValueError, FileNotFoundError) as err:
         raise ProbeError(f"--encoder: {err}") from None
     encoders = [_encoder("pretrained", info.model_name, info.img_size, model)]
@@ -286,6 +304,10 @@ def inspect_task(task: ProbeTask) -> TaskData:
             raise ProbeError(f"{name}: the {s} split has no labelled rows")
         if not _two_classes(y[split == s], task.type):
             raise ProbeError(f"{name}: the labels of the {s} split are single-class (training and AUROC need two)")
+    train = y[split == "train"]
+    untrained = [c for k, c in enumerate(classes) if not (train[:, k] if train.ndim == 2 else train == k).any()]
+    if untrained:
+        raise ProbeError(f"{name}: no training row has class {', '.join(untrained)} (a probe cannot learn it)")
     groups = patient_groups(table["patient_id"].to_pylist(), table["source"].to_pylist())
     splits_of: dict[str, set[str]] = {}
     for g, s in zip(groups, split, strict=True):
@@ -414,7 +436,7 @@ def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: 
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus,
         num_cpus=cfg.cpus_per_actor,
     )
@@ -623,15 +645,30 @@ def _ci(fn, *args, **kwargs) -> tuple[float, float]:
         return math.nan, math.nan
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """Where the sweeps' trials go: nested runs under the job's parent run."""
+
+    uri: str
+    experiment: str
+    parent_run_id: str
+    storage_path: Path  # Ray Tune's experiment folders
+
+
 def _fit_and_test(
-    features: Features,
-    data: TaskData,
-    encoder: str,
-    fraction: float,
-    seed: int,
-    cfg: ProbeConfig,
-    sweep: dict,
+    features: Features, data: TaskData, encoder: str, fraction: float, seed: int, cfg: ProbeConfig, tracking: Tracking
 ) -> Fit:
+    """Sweep on a stratified ``fraction`` of the training labels (subset ``seed``), refit the best, test once."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    tags = {"task": data.task.name, "encoder": encoder, "fraction": str(fraction), "label_seed": str(seed)}
+    callback = MLflowLoggerCallback(
+        tracking_uri=tracking.uri,
+        experiment_name=tracking.experiment,
+        tags={"mlflow.parentRunId": tracking.parent_run_id, **tags},
+        save_artifact=False,
+    )
+    name = f"{tracking.parent_run_id[:8]}-{data.task.name}-{encoder}-f{fraction:g}-s{seed}"
     task = data.task
     rows = subsample_labels(features.y["train"], fraction, seed, task.type)
     sweep_data = SweepData(
@@ -644,7 +681,9 @@ def _fit_and_test(
         batch_size=cfg.search.batch_size,
         seed=seed,
     )
-    config, val_auroc = run_sweep(sweep_data, cfg, seed=cfg.seed + seed, **sweep)
+    config, val_auroc = run_sweep(
+        sweep_data, cfg, name=name, storage_path=tracking.storage_path, callbacks=[callback], seed=cfg.seed + seed
+    )
     model, _ = fit_probe(
         sweep_data.train_x,
         sweep_data.train_y,
@@ -725,14 +764,13 @@ def _markdown(rows: Sequence[dict[str, Any]], seeds: int) -> str:
     for r in rows:
         auroc_ci = f"{num(r['auroc'])} ({num(r['auroc_lo'])}-{num(r['auroc_hi'])})"
         lines.append(
-            f"| {r['task']} | {r['modality']} | {r['encoder']} | {r['fraction']:.0%} | {auroc_ci} | "
+            f"| {r['task']} | {r['modality']} | {r['encoder']} | {100 * r['fraction']:g}% | {auroc_ci} | "
             f"{num(r['accuracy'])} | {r['n_test']} |"
         )
-    note = (
-        f"\nAUROC: macro one-vs-rest for multi-class and multi-label tasks; CI by bootstrap over patients. "
-        f"Below 100% of the labels, means over {seeds} stratified label subsets (results.csv has each).\n"
-    )
-    return "\n".join(lines) + "\n" + note
+    note = "\nAUROC: macro one-vs-rest for multi-class and multi-label tasks; 95% CI by bootstrap over patients."
+    if any(r["fraction"] < 1 for r in rows):
+        note += f" Below 100% of the labels: the mean over stratified label subsets ({seeds}; see results.csv)."
+    return "\n".join(lines) + "\n" + note + "\n"
 
 
 def _roc_points(y: np.ndarray, scores: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
@@ -742,7 +780,7 @@ def _roc_points(y: np.ndarray, scores: np.ndarray, task: str) -> tuple[np.ndarra
     if task == "binary":
         fpr, tpr, _ = roc_curve(y, scores)
         return fpr, tpr
-    positives = y == np.arange(scores.shape[1]) if task == "multiclass" else y.astype(bool)
+    positives = y[:, None] == np.arange(scores.shape[1]) if task == "multiclass" else y.astype(bool)
     grid = np.linspace(0, 1, 201)
     curves = [
         np.interp(grid, *roc_curve(positives[:, k], scores[:, k])[:2])
@@ -768,10 +806,6 @@ def plot_roc(path: Path, task: str, task_type: str, fits: Sequence[Fit]) -> None
     fig.savefig(path)
 
 
-def _metric_key(*parts: Any) -> str:
-    return ".".join(str(p) for p in parts)
-
-
 def run_probe(
     encoder: str | Path,
     tasks: str | Path,
@@ -781,7 +815,6 @@ def run_probe(
 ) -> ProbeResult:
     """The whole probe job (see the module docstring); every input check runs before Ray starts any work."""
     import mlflow
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     from mermed.config import load_config
     from mermed.tracking import flatten_params, tracking_uri, ui_command, use_experiment
@@ -801,7 +834,7 @@ def run_probe(
     fits: list[Fit] = []
     reused: dict[str, bool] = {}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"probe-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        parent = run.info.run_id
+        tracking = Tracking(uri, cfg.tracking.experiment, run.info.run_id, out / "tune")
         mlflow.log_params(
             flatten_params(
                 {
@@ -821,32 +854,10 @@ def run_probe(
                 features = load_features(path, data)
                 for fraction in sorted(cfg.fractions):
                     for seed in range(cfg.seeds if fraction < 1 else 1):
-                        name = f"{parent[:8]}-{task.name}-{enc.tag}-f{fraction:g}-s{seed}"
-                        tags = {
-                            "mlflow.parentRunId": parent,
-                            "task": task.name,
-                            "encoder": enc.tag,
-                            "fraction": str(fraction),
-                            "label_seed": str(seed),
-                        }
-                        callback = MLflowLoggerCallback(
-                            tracking_uri=uri,
-                            experiment_name=cfg.tracking.experiment,
-                            tags=tags,
-                            save_artifact=False,
-                        )
-                        sweep = {"name": name, "storage_path": out / "tune", "callbacks": [callback]}
-                        fit = _fit_and_test(features, data, enc.tag, fraction, seed, cfg, sweep)
+                        fit = _fit_and_test(features, data, enc.tag, fraction, seed, cfg, tracking)
                         log.info(
                             "%s / %s / %g labels (subset %d): test AUROC %.3f (%.3f-%.3f), best %s",
-                            task.name,
-                            enc.tag,
-                            fraction,
-                            seed,
-                            fit.auroc,
-                            fit.auroc_lo,
-                            fit.auroc_hi,
-                            fit.config,
+                            *(task.name, enc.tag, fraction, seed, fit.auroc, fit.auroc_lo, fit.auroc_hi, fit.config),
                         )
                         fits.append(fit)
             roc = out / f"roc_{task.name}.png"
@@ -859,16 +870,12 @@ def run_probe(
         _write_csv(out / "results.csv", results, RESULT_COLUMNS)
         (out / "summary.md").write_text(_markdown(summary, cfg.seeds))
         for r in summary:
-            for metric in ("auroc", "auroc_lo", "auroc_hi", "accuracy"):
-                if not math.isnan(r[metric]):
-                    mlflow.log_metric(
-                        _metric_key(r["task"], r["encoder"], f"f{r['fraction']:g}", f"test_{metric}"),
-                        r[metric],
-                    )
+            prefix = f"{r['task']}.{r['encoder']}.f{r['fraction']:g}"
+            mlflow.log_metrics({f"{prefix}.test_{m}": r[m] for m in METRICS if not math.isnan(r[m])})
         for name in ("summary.csv", "summary.md", "results.csv"):
             mlflow.log_artifact(str(out / name))
     log.info("probe: %s; browse with: %s", out / "summary.md", ui_command(uri))
-    return ProbeResult(out, summary, results, parent, uri, reused)
+    return ProbeResult(out, summary, results, tracking.parent_run_id, uri, reused)
 
 
 __all__ = [

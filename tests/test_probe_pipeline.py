@@ -211,25 +211,27 @@ def test_features_are_cached_and_split_by_patient(job, encoder_file) -> None:
 def _task(data: Path, **kw):
     from mermed.config import ProbeTask
 
-    return ProbeTask(name="t", data=str(data), type="binary", **kw)
+    return ProbeTask(**{"name": "t", "data": str(data), "type": "binary", **kw})
 
 
 @pytest.mark.parametrize(
-    ("cohort", "message"),
+    ("cohort", "task", "message"),
     [
-        ({k: (s, ["1"] * len(v)) for k, (s, v) in _cohort().items()}, "single-class"),
-        ({k: v for k, v in _cohort().items() if v[0] != "test"}, "the test split has no labelled rows"),
-        ({**_cohort(), "train-p0": ("train", ["0", "1"]), "x": ("val", ["0", "1"])}, None),
+        ({k: (s, ["1"] * len(v)) for k, (s, v) in _cohort().items()}, "binary", "single-class"),
+        ({k: (s, ["1"] * len(v)) for k, (s, v) in _cohort().items()}, "multiclass", "single-class"),
+        ({k: v for k, v in _cohort().items() if v[0] != "test"}, "binary", "the test split has no labelled rows"),
+        ({**_cohort(), "anon-test": ("test", ["1", "2"])}, "multiclass", "no training row has class 2"),
+        ({**_cohort(), "train-p0": ("train", ["0", "1"]), "x": ("val", ["0", "1"])}, "binary", None),
     ],
-    ids=["single-class", "empty-test-split", "fine"],
+    ids=["single-class", "single-class-multiclass", "empty-test-split", "class-not-in-train", "fine"],
 )
-def test_bad_tasks_fail_before_compute(tmp_path: Path, cohort, message: str | None) -> None:
+def test_bad_tasks_fail_before_compute(tmp_path: Path, cohort, task: str, message: str | None) -> None:
     data = write_ingest_output(tmp_path / "data", cohort)
     if message is None:
-        assert inspect_task(_task(data)).counts == {"train": 16 * 4 - 2, "val": 26, "test": 34}
+        assert inspect_task(_task(data, type=task)).counts == {"train": 16 * 4 - 2, "val": 26, "test": 34}
         return
     with pytest.raises(ProbeError, match=message):
-        inspect_task(_task(data))
+        inspect_task(_task(data, type=task))
 
 
 def test_leaking_patients_and_missing_labels_are_rejected(tmp_path: Path) -> None:
@@ -330,3 +332,18 @@ def test_summary_means_over_label_subsets() -> None:
     ci = mean_bootstrap_ci(y, [fits[0].scores, fits[1].scores], "binary", groups, n_boot=100)
     assert (rows[0]["auroc_lo"], rows[0]["auroc_hi"]) == ci
     assert (rows[1]["auroc_lo"], rows[1]["auroc_hi"]) == bootstrap_ci(y, fits[2].scores, "binary", groups, n_boot=100)
+
+
+def test_encoder_and_data_on_s3(s3_bucket: str, tmp_path: Path, encoder_file: Path) -> None:
+    """An encoder exported to S3 and labelled shards on S3 are read as they are locally."""
+    from mermed import storage
+
+    fs, _ = storage.filesystem(f"s3://{s3_bucket}")
+    fs.put(str(encoder_file.parent) + "/", f"{s3_bucket}/run/", recursive=True)
+    data = write_ingest_output(tmp_path / "data", _cohort())
+    fs.put(str(data) + "/", f"{s3_bucket}/data/", recursive=True)
+    remote = load_encoders(f"s3://{s3_bucket}/run/{encoder_file.name}", [])[0]
+    assert remote.fingerprint == load_encoders(encoder_file, [])[0].fingerprint
+    assert inspect_task(_task(f"s3://{s3_bucket}/data")).counts == inspect_task(_task(data)).counts
+    with pytest.raises(ProbeError, match="not found"):
+        load_encoders(f"s3://{s3_bucket}/elsewhere/encoder.safetensors", [])

@@ -1,0 +1,508 @@
+"""Pretraining speed, each number a ratio against a baseline measured in the same run on the same data.
+
+(a) Multi-crop: ``mermed.augment.MultiCrop`` on a uint8 batch against DINO's per-image PIL recipe
+    (``DataAugmentationDINO``: torchvision transforms plus DINO's PIL blur and solarisation), both on one CPU
+    thread, same images, same views (2 x 224 + 10 x 96 from 256 px; the tiny config's views with ``--quick``).
+    Target: >= 3x images/s per core.
+(b) Step time: ``run_pretrain`` (Ray Train, 1 worker, CPU) against the same step in a bare loop in this process
+    (``build_train_state`` + ``BalancedBatches`` over in-memory numpy + ``MultiCrop`` + ``train_step``), tiny
+    config, same shards, same step window. Ray's per-step time is read from the worker's MLflow metrics (step
+    timestamps, and ``images_per_s``), after a warm-up that fills the memory queue and ends every modality's
+    first pass, so neither Ray's nor Ray Data's start-up is counted. Target: Ray / bare < 1.10.
+(c) ``--gpu``: images/s and model FLOP utilisation of ViT-B/16 (2 x 224 + 10 x 96 views, bf16) on one GPU.
+
+    python bench/train.py [--quick] [--reps 3]
+    python bench/train.py --gpu [--batch 64] [--steps 20]
+
+Wall time on a shared machine also counts other people's work, so (b) also reports CPU seconds per step: of
+this process for the bare loop, of the Ray Train worker process for Ray (sampled from /proc while it runs).
+"""
+
+# ruff: noqa: E402 - imports follow the sys.path fix below
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file's folder on sys.path would shadow the ``ingest`` package (bench/ingest.py), here and in Ray workers.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse
+import math
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from torch import nn
+from torchvision import transforms as T
+
+from ingest.pipeline import run_ingest
+from ingest.samples import make_sample_corpus
+from mermed import storage
+from mermed.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
+from mermed.config import CropsConfig, IngestConfig, PretrainConfig, load_config
+from mermed.data import BalancedBatches, decode_batch, shard_uris, split_counts
+from mermed.train import build_train_state, train_step
+from pipelines.pretrain import _crop_generator, run_pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pretrain_tiny.yaml"
+VITB = ROOT / "configs" / "pretrain_vitb.yaml"
+KEY = b"bench-train-key-0123456789abcdef0123"
+TRAIN_SPLITS = ("train", "val")  # what run_pretrain trains on by default
+CROPS_TARGET = 3.0
+STEP_TARGET = 1.10
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets, most specific name first.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+)
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
+    return f"nproc {nproc}, CPU {model}, load average {loadavg()}"
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+
+def make_shards(work: Path, image_size: int) -> str:
+    """The sample corpus (all seven modalities) through the real ingest pipeline, as training reads it."""
+    info = make_sample_corpus(work / "raw", per_class=2, size=image_size, slide_size=512, seed=0)
+    out = work / "shards"
+    run_ingest([str(info.root)], str(out), IngestConfig(dataset="bench"), key=KEY, force=True)
+    return str(out)
+
+
+def decoded(shards: str, size: int, splits: tuple[str, ...] | None) -> dict[str, dict[str, np.ndarray]]:
+    """Every row of ``splits`` (all when None) per modality, decoded as the training data path decodes it."""
+    out = {}
+    for modality in split_counts([shards]):
+        tables = []
+        for uri in shard_uris([shards], modality):
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh, columns=["image", "modality", "channels", "split"]))
+        rows = {
+            k: np.concatenate([t.column(k).to_numpy(zero_copy_only=False) for t in tables])
+            for k in tables[0].column_names
+        }
+        keep = np.isin(rows["split"], splits) if splits else np.ones(len(rows["split"]), bool)
+        if keep.any():
+            out[modality] = decode_batch({k: v[keep] for k, v in rows.items()}, size)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ (a) crops
+
+
+class DinoGaussianBlur:
+    """DINO's ``utils.GaussianBlur``: PIL blur with a radius drawn from [0.1, 2], applied with probability p."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() > self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class DinoSolarization:
+    """DINO's ``utils.Solarization``: PIL solarise (threshold 128) with probability p."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+def dino_augmentation(crops: CropsConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
+    """DINO's ``DataAugmentationDINO`` (main_dino.py) for ``crops``' view counts, sizes and scales."""
+    flip_and_color_jitter = T.Compose(
+        [
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ]
+    )
+    normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def crop(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
+        return T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
+
+    glob = (crops.global_size, crops.global_scale)
+    first = T.Compose([crop(*glob), flip_and_color_jitter, DinoGaussianBlur(1.0), normalize])
+    second = T.Compose([crop(*glob), flip_and_color_jitter, DinoGaussianBlur(0.1), DinoSolarization(0.2), normalize])
+    local = T.Compose(
+        [crop(crops.local_size, crops.local_scale), flip_and_color_jitter, DinoGaussianBlur(0.5), normalize]
+    )
+    transforms = [first] + [second] * (crops.n_global - 1) + [local] * crops.n_local
+    return lambda img: [t(img) for t in transforms]
+
+
+def bench_crops(images: np.ndarray, crops: CropsConfig, reps: int) -> tuple[list[float], list[float]]:
+    """images/s of the batched tensor pipeline and of DINO's per-image PIL pipeline, one CPU thread each,
+    ``reps`` interleaved repetitions after one warm-up of each."""
+    torch.set_num_threads(1)
+    tensor_fn = MultiCrop.from_config(crops)
+    pil_fn = dino_augmentation(crops)
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # (B, C, H, W) view, as the training worker passes it
+    pil_images = [Image.fromarray(a) for a in images]
+    random.seed(0)
+    gen = torch.Generator().manual_seed(0)
+
+    def run_tensor() -> list[torch.Tensor]:
+        return tensor_fn(batch, generator=gen)
+
+    def run_pil() -> list[list[torch.Tensor]]:
+        return [pil_fn(img) for img in pil_images]
+
+    views, per_image = run_tensor(), run_pil()
+    got = [tuple(v.shape[1:]) for v in views]
+    want = [tuple(v.shape) for v in per_image[0]]
+    if got != want:
+        raise RuntimeError(f"the two pipelines make different views: {got} vs {want}")
+    tensor_rates, pil_rates = [], []
+    for _ in range(reps):
+        for fn, rates in ((run_tensor, tensor_rates), (run_pil, pil_rates)):
+            start = time.perf_counter()
+            fn()
+            rates.append(len(images) / (time.perf_counter() - start))
+    return tensor_rates, pil_rates
+
+
+# ------------------------------------------------------------------------------------------------ (b) steps
+
+
+def _descendants() -> dict[int, str]:
+    """pid -> process title of every process started (transitively) by this one."""
+    parents, titles = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                titles[int(entry)] = (
+                    Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                )
+            except OSError:  # exited meanwhile
+                continue
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    ours, grown = {os.getpid()}, True
+    while grown:
+        grown = {pid for pid, ppid in parents.items() if ppid in ours and pid not in ours}
+        ours |= grown
+    return {pid: titles[pid] for pid in ours if pid in titles}
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class WorkerCPU:
+    """Samples the CPU seconds of this run's Ray Train worker process (wall time, cpu) in a thread."""
+
+    def __init__(self, period: float = 0.1):
+        self.period = period
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WorkerCPU:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        pid = None
+        while not self._stop.wait(self.period if pid else 0.5):
+            if pid is None:
+                pid = next((p for p, t in _descendants().items() if t.startswith("ray::RayTrainWorker")), None)
+                continue
+            try:
+                self.samples.append((time.time(), _cpu_seconds(pid)))
+            except OSError:  # the worker exited (end of the run)
+                return
+
+    def between(self, t0: float, t1: float) -> float:
+        """CPU seconds the worker used between two wall-clock times (interpolated between samples)."""
+        times, cpus = zip(*self.samples, strict=True)
+        if not times[0] <= t0 < t1 <= times[-1]:
+            raise RuntimeError("the worker's CPU samples do not cover the timed steps")
+        return float(np.interp(t1, times, cpus) - np.interp(t0, times, cpus))
+
+
+def warmup_steps(cfg: PretrainConfig, rows: dict[str, int]) -> int:
+    """Steps until the memory queue is full and every modality has ended its first pass (after which both loops
+    serve it from memory), plus a margin, rounded up to a logged step."""
+    per_modality = cfg.optim.batch_size_per_worker // len(rows)
+    first_pass = max(math.ceil(n / per_modality) for n in rows.values())
+    fill = math.ceil(cfg.memory.size / (cfg.crops.n_global * cfg.optim.batch_size_per_worker))
+    every = cfg.run.log_every
+    return math.ceil((max(first_pass, fill) + 5) / every) * every
+
+
+def bare_loop(cfg: PretrainConfig, data: dict[str, dict[str, np.ndarray]]) -> tuple[list[float], list[float]]:
+    """The Ray worker's loop without Ray, over in-memory numpy; wall and CPU time after each step (index 0 =
+    before step 1)."""
+    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))  # as the worker does
+    device = torch.device("cpu")
+    state = build_train_state(cfg, device=device, total_steps=cfg.run.steps)
+    per_modality = max(1, cfg.optim.batch_size_per_worker // len(data))
+
+    def chunks(arrays: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        rows = len(arrays["pixels"])
+        return ({k: v[i : i + per_modality] for k, v in arrays.items()} for i in range(0, rows, per_modality))
+
+    streams = {m: (lambda epoch, a=a: chunks(a)) for m, a in data.items()}
+    batches = BalancedBatches(streams, cfg.optim.batch_size_per_worker, seed=cfg.run.seed)
+    crops = MultiCrop.from_config(cfg.crops)
+    walls, cpus = [time.perf_counter()], [time.process_time()]
+    while state.step < cfg.run.steps:
+        batch, _ = batches.next(state.step)
+        images = torch.from_numpy(batch["pixels"]).to(device, non_blocking=True).permute(0, 3, 1, 2)
+        grayscale = torch.from_numpy(batch["grayscale"]).to(device)
+        views = crops(images, grayscale, generator=_crop_generator(device, cfg.run.seed, 0, state.step))
+        train_step(state, views)
+        walls.append(time.perf_counter())
+        cpus.append(time.process_time())
+    return walls, cpus
+
+
+def ray_loop(cfg: PretrainConfig, shards: str, work: Path, name: str, first: int) -> dict[str, float]:
+    """``run_pretrain`` with one worker; per-step wall, step-only and CPU seconds over the logged steps from
+    ``first`` to the last."""
+    import mlflow
+
+    with WorkerCPU() as cpu:
+        result = run_pretrain(cfg, [shards], str(work / "runs"), name, workers=1, max_failures=0, workdir=str(work))
+    client = mlflow.MlflowClient(result.tracking_uri)
+    stamps = {m.step: m.timestamp / 1000 for m in client.get_metric_history(result.mlflow_run_id, "loss")}
+    rates = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "images_per_s")}
+    last = cfg.run.steps
+    if first not in stamps or last not in stamps:
+        raise RuntimeError(f"steps {first} and {last} were not logged (log_every={cfg.run.log_every})")
+    steps = last - first
+    return {
+        "wall": (stamps[last] - stamps[first]) / steps,
+        "step": statistics.median(cfg.optim.batch_size_per_worker / rates[s] for s in rates if first < s <= last),
+        "cpu": cpu.between(stamps[first], stamps[last]) / steps,
+    }
+
+
+def bench_steps(shards: str, work: Path, quick: bool, reps: int) -> tuple[PretrainConfig, dict[str, list[float]]]:
+    counts = split_counts([shards])
+    rows = {m: sum(s.get(k, 0) for k in TRAIN_SPLITS) for m, s in counts.items()}
+    base = load_config(PretrainConfig, TINY)
+    first = warmup_steps(base, {m: n for m, n in rows.items() if n})
+    measured = math.ceil((15 if quick else 40) / base.run.log_every) * base.run.log_every
+    total = first + measured
+    # One checkpoint, at the end: the bare loop writes none, and the timed window must not contain one.
+    cfg = load_config(PretrainConfig, TINY, {"run.steps": total, "run.checkpoint_every": total})
+    data = decoded(shards, cfg.crops.decode_size, TRAIN_SPLITS)
+    print(
+        f"(b) tiny config, batch {cfg.optim.batch_size_per_worker}, {len(data)} modalities, steps 1-{first} warm-up, "
+        f"{first + 1}-{total} timed; {max(1, int(cfg.run.cpus_per_worker))} torch thread(s) in both loops",
+        flush=True,
+    )
+    keys = ("bare wall", "bare step", "bare cpu", "ray wall", "ray step", "ray cpu")
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    for rep in range(reps):
+        walls, cpus = bare_loop(cfg, data)
+        out["bare wall"].append((walls[total] - walls[first]) / measured)
+        logged = range(first + cfg.run.log_every, total + 1, cfg.run.log_every)  # the steps Ray logs
+        out["bare step"].append(statistics.median(walls[s] - walls[s - 1] for s in logged))
+        out["bare cpu"].append((cpus[total] - cpus[first]) / measured)
+        ray = ray_loop(cfg, shards, work, f"bench-{rep}", first)
+        for key in ("wall", "step", "cpu"):
+            out[f"ray {key}"].append(ray[key])
+        bare = {k: out[f"bare {k}"][-1] for k in ("wall", "step", "cpu")}
+        print(
+            f"  rep {rep + 1}: "
+            + "; ".join(
+                f"{who} {r['wall'] * 1e3:.0f} ms/step (step alone {r['step'] * 1e3:.0f} ms, "
+                f"{r['cpu'] * 1e3:.0f} ms CPU)"
+                for who, r in (("bare", bare), ("Ray", ray))
+            )
+            + f"; load {loadavg()}",
+            flush=True,
+        )
+    return cfg, out
+
+
+# ------------------------------------------------------------------------------------------------ (c) GPU
+
+
+def forward_flops(backbone: nn.Module, head: nn.Module, size: int) -> float:
+    """Forward FLOPs of one view of ``size`` px: 2 x weights x tokens for the transformer's linear layers (the
+    patch embedding over patches only), 4 x N^2 x D per block for attention (QK^T and AV), and the head once on
+    the class token. Norms, biases, softmax and GELU are left out (well under 1%)."""
+    patch = backbone.patch_embed.patch_size[0]
+    patches = (size // patch) ** 2
+    tokens = patches + backbone.num_prefix_tokens
+    block_weights = sum(m.weight.numel() for m in backbone.blocks.modules() if isinstance(m, nn.Linear))
+    attention = len(backbone.blocks) * 4 * tokens**2 * backbone.embed_dim
+    head_weights = sum(m.weight.numel() for m in head.modules() if isinstance(m, nn.Linear))
+    return (
+        2 * block_weights * tokens
+        + 2 * backbone.patch_embed.proj.weight.numel() * patches
+        + attention
+        + (2 * head_weights)
+    )
+
+
+def step_flops(cfg: PretrainConfig, student: nn.Module) -> float:
+    """Model FLOPs per image of one training step: student forward + backward (3 x forward) on every view,
+    teacher forward on the global views. The memory and DINO losses are not counted."""
+    crops = cfg.crops
+    f_global = forward_flops(student.backbone, student.head, crops.global_size)
+    f_local = forward_flops(student.backbone, student.head, crops.local_size)
+    student_fwd = crops.n_global * f_global + crops.n_local * f_local
+    return 3 * student_fwd + crops.n_global * f_global
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def bench_gpu(batch: int | None, steps: int, warmup: int, peak: float | None) -> None:
+    if not torch.cuda.is_available():
+        sys.exit("--gpu needs a CUDA GPU, and torch.cuda.is_available() is False on this machine")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    overrides = {"run.precision": "bf16"} | ({"optim.batch_size_per_worker": batch} if batch else {})
+    cfg = load_config(PretrainConfig, VITB, overrides)
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    peak = peak or peak_tflops(name)
+    b = cfg.optim.batch_size_per_worker
+    state = build_train_state(cfg, device=device, total_steps=cfg.run.steps)
+    crops = MultiCrop.from_config(cfg.crops)
+    size = cfg.crops.decode_size
+    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    flops = step_flops(cfg, state.student)
+
+    for _ in range(warmup):  # also fills part of the memory queue, as in a running job
+        train_step(state, crops(images, generator=gen))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(state, crops(images, generator=gen))
+    counted = counter.get_total_flops() / b
+
+    def timed(fn: Callable[[], object]) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / steps
+
+    crop_s = timed(lambda: crops(images, generator=gen))
+    step_s = timed(lambda: train_step(state, crops(images, generator=gen)))
+    rate = b / step_s
+    print(f"(c) {name}: ViT-B/16 {cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x"
+          f"{cfg.crops.local_size} views, bf16, batch {b}, {steps} steps after {warmup + 1} warm-up")  # fmt: skip
+    print(f"  step {step_s * 1e3:.1f} ms ({crop_s * 1e3:.1f} ms of it multi-crop), {rate:.1f} images/s")
+    print(
+        f"  model FLOPs per image (analytic) {flops / 1e9:.1f} G; torch's count of the whole step {counted / 1e9:.1f} G"
+    )
+    achieved = flops * rate / 1e12
+    if peak:
+        print(f"  {achieved:.0f} TFLOP/s of {peak:.0f} bf16 peak: MFU {achieved / peak:.1%}")
+    else:
+        print(f"  {achieved:.0f} TFLOP/s; no bf16 peak known for {name!r}: pass --peak-tflops for the MFU")
+    print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny views in (a), fewer timed steps in (b)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (the median is reported)")
+    parser.add_argument("--gpu", action="store_true", help="only (c): ViT-B/16 images/s and MFU on one CUDA GPU")
+    parser.add_argument("--batch", type=int, help="(c) images per step (default: configs/pretrain_vitb.yaml)")
+    parser.add_argument("--steps", type=int, default=20, help="(c) timed steps")
+    parser.add_argument("--peak-tflops", type=float, help="(c) the GPU's dense bf16 peak, if not in the table")
+    args = parser.parse_args()
+    if args.gpu:
+        bench_gpu(args.batch, args.steps, warmup=3, peak=args.peak_tflops)
+        return
+
+    import ray
+
+    print(f"machine: {machine()}", flush=True)
+    crops = load_config(PretrainConfig, TINY if args.quick else VITB).crops
+    work = Path(tempfile.mkdtemp(prefix="mermed-bench-train-"))
+    try:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        shards = make_shards(work, image_size=crops.decode_size)
+
+        pixels = np.concatenate([d["pixels"] for d in decoded(shards, crops.decode_size, None).values()])
+        images = pixels[np.arange(32 if not args.quick else 16) % len(pixels)]
+        tensor_rates, pil_rates = bench_crops(images, crops, args.reps)
+        tensor, pil = statistics.median(tensor_rates), statistics.median(pil_rates)
+        print(
+            f"(a) {len(images)} images of {crops.decode_size} px -> {crops.n_global}x{crops.global_size} + "
+            f"{crops.n_local}x{crops.local_size} views, 1 thread each: MultiCrop {tensor:.1f} img/s "
+            f"({', '.join(f'{r:.1f}' for r in tensor_rates)}), DINO PIL {pil:.1f} img/s "
+            f"({', '.join(f'{r:.1f}' for r in pil_rates)}): {tensor / pil:.2f}x (target >= {CROPS_TARGET}x); "
+            f"load {loadavg()}",
+            flush=True,
+        )
+
+        cfg, steps = bench_steps(shards, work, args.quick, args.reps)
+        med = {k: statistics.median(v) for k, v in steps.items()}
+        ray.shutdown()
+        print(f"\nmachine: {machine()}; medians of {args.reps} repetitions")
+        print(f"(a) multi-crop per core: MultiCrop {tensor:.1f} img/s, DINO PIL {pil:.1f} img/s, {tensor / pil:.2f}x")
+        print(
+            f"(b) step, tiny config: bare {med['bare wall'] * 1e3:.0f} ms, Ray Train {med['ray wall'] * 1e3:.0f} ms: "
+            f"{med['ray wall'] / med['bare wall']:.3f}x wall (target < {STEP_TARGET}); step alone (logged steps, "
+            f"images_per_s for Ray) bare {med['bare step'] * 1e3:.0f} ms, Ray {med['ray step'] * 1e3:.0f} ms: "
+            f"{med['ray step'] / med['bare step']:.3f}x; CPU per step bare {med['bare cpu'] * 1e3:.0f} ms, "
+            f"Ray worker {med['ray cpu'] * 1e3:.0f} ms: {med['ray cpu'] / med['bare cpu']:.3f}x"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

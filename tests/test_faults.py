@@ -1,0 +1,321 @@
+"""Reliability under faults: killed Ray workers, an object store that goes away mid-write, exact resume, and no
+credential in anything a run writes.
+
+Faults are real: a worker process of this session's Ray is found by its process title and SIGKILLed, a second
+S3-compatible server is stopped while shards are written. Only processes descended from this test process are
+ever signalled (other Ray clusters may share the machine).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import fsspec
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ingest.pipeline import MANIFEST, QUARANTINE, ShardWriter, run_ingest
+from ingest.samples import make_sample_corpus
+from mermed.config import IngestConfig, PretrainConfig, load_config
+from mermed.data import BalancedBatches
+from pipelines.pretrain import run_pretrain
+
+pytestmark = pytest.mark.faults
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = b"faults-test-key-0123456789abcdef"
+PACKAGES = ("mermed", "ingest", "pipelines", "bench")
+LOCAL = fsspec.filesystem("file")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def _own_processes(title: str) -> list[int]:
+    """Pids of processes descended from this one whose title (Ray sets ``ray::<task or actor>``) starts with
+    ``title``."""
+    me, found = os.getpid(), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if not (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").startswith(title):
+                continue
+            pid = int(proc.name)
+            while pid > 1 and pid != me:
+                pid = _parent(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+        if pid == me:
+            found.append(int(proc.name))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def killing(title: str, ready: Callable[[], bool] = lambda: True) -> Iterator[list[int]]:
+    """While the body runs, SIGKILL the first of our processes titled ``title`` once ``ready()``; yields the
+    killed pids (one, or none when the body ended first)."""
+    killed: list[int] = []
+    done = threading.Event()
+
+    def hunt() -> None:
+        while not done.is_set() and not killed:
+            if ready():
+                for pid in _own_processes(title)[:1]:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            done.wait(0.02)
+
+    thread = threading.Thread(target=hunt, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shard_hashes(fs, out: str, manifest: dict) -> list[str]:
+    hashes = []
+    for rel in manifest["shards"]:
+        with fs.open(f"{out}/{rel}", "rb") as fh:
+            hashes += pq.read_table(fh, columns=["pixel_sha256"]).column(0).to_pylist()
+    return hashes
+
+
+COUNTS = ("discovered", "ingested", "quarantined", "duplicates", "rows", "modalities", "splits")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_sample_corpus(tmp_path_factory.mktemp("corpus") / "raw", per_class=2, size=64, seed=3, slide_size=512)
+
+
+# ----------------------------------------------------------------------------------------------- ingest
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> Path:
+    """OCT volumes of noise as multi-page TIFFs: every page is one row with its own pixel hash, and each file
+    keeps a read task busy long enough to be killed in the middle."""
+    root = tmp_path_factory.mktemp("volumes") / "raw"
+    (root / "oct").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    for i in range(8):
+        tifffile.imwrite(root / "oct" / f"vol_{i}.tif", rng.integers(0, 256, (10, 192, 192), dtype=np.uint8))
+    return root
+
+
+def test_killed_read_worker_is_retried_without_loss_or_duplicate(ray_session, volumes, tmp_path):
+    clean = run_ingest([str(volumes)], str(tmp_path / "clean"), IngestConfig(), key=KEY).manifest
+    with killing("ray::MapBatches(_read_batch)") as killed:
+        faulted = run_ingest([str(volumes)], str(tmp_path / "faulted"), IngestConfig(), key=KEY).manifest
+    assert killed, "no read task was running to be killed"
+    assert not Path(f"/proc/{killed[0]}").exists()
+    assert {k: faulted[k] for k in COUNTS} == {k: clean[k] for k in COUNTS}
+    assert faulted["rows"] == 80 and faulted["duplicates"] == 0 and faulted["quarantined"] == 0
+    hashes = _shard_hashes(LOCAL, str(tmp_path / "faulted"), faulted)
+    assert len(hashes) == len(set(hashes)) == 80
+    assert hashes == _shard_hashes(LOCAL, str(tmp_path / "clean"), clean)  # same rows, same order
+
+
+def test_object_store_stopped_mid_write_fails_clearly_and_rerun_completes(
+    ray_session, corpus, tmp_path, monkeypatch
+):
+    """Inputs stay local (read tasks need no endpoint); the output goes to a second S3 server, which stops right
+    after the first shards are written."""
+    import s3fs
+    from botocore.exceptions import BotoCoreError
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        monkeypatch.setenv("MERMED_S3_ENDPOINT", endpoint)  # the driver writes the output
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # give up soon on a server that is gone
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        bucket = f"faults-{uuid.uuid4().hex[:8]}"
+        fs.mkdir(bucket)
+        inputs = [str(corpus.root / m) for m in ("derm", "cfp")]
+        cfg = IngestConfig(shard_bytes=1024)  # a shard per write: some are complete when the server stops
+        out = f"s3://{bucket}/out"
+        write = ShardWriter.write
+
+        def write_then_stop(self, table):
+            write(self, table)
+            server.stop()
+
+        monkeypatch.setattr(ShardWriter, "write", write_then_stop)
+        with pytest.raises((OSError, BotoCoreError)) as err:
+            run_ingest(inputs, out, cfg, key=KEY)
+        assert "could not connect" in str(err.value).lower()
+        assert "_staging-" in str(err.value) and "part-" in str(err.value)  # a shard write, not the clean-up
+        monkeypatch.setattr(ShardWriter, "write", write)
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()  # moto's store lives in this process: the bucket is as the stop left it
+        fs.invalidate_cache()
+        left = fs.find(f"{bucket}/out")
+        assert left and all("/_staging-" in p for p in left)  # shards were written, but only where none reads
+
+        local = run_ingest(inputs, str(tmp_path / "local"), cfg, key=KEY).manifest
+        again = run_ingest(inputs, out, cfg, key=KEY).manifest
+        assert {k: again[k] for k in COUNTS} == {k: local[k] for k in COUNTS}
+        fs.invalidate_cache()
+        assert _shard_hashes(fs, f"{bucket}/out", again) == _shard_hashes(LOCAL, str(tmp_path / "local"), local)
+        assert not [p for p in fs.find(f"{bucket}/out") if "/_staging-" in p]  # the failed run's leftovers too
+    finally:
+        server.stop()
+
+
+def test_paths_escaping_the_root_are_refused(ray_session, corpus, tmp_path):
+    """A symlinked directory that leads outside the root is quarantined, not walked; ``..`` in an --input is
+    resolved to the directory it names (whose name gives the modality)."""
+    root = tmp_path / "raw"
+    shutil.copytree(corpus.root / "cfp", root / "cfp")
+    (root / "cfp" / "empty").mkdir()
+    shutil.copytree(corpus.root / "derm", tmp_path / "elsewhere" / "derm")
+    (root / "cfp" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+
+    m = run_ingest([str(root)], str(tmp_path / "out"), IngestConfig(), key=KEY).manifest
+    assert m["modalities"] == {"CFP": len(list((root / "cfp").glob("*.png")))}
+    q = pq.read_table(tmp_path / "out" / QUARANTINE).to_pylist()
+    assert [r["error_class"] for r in q] == ["PathOutsideRoot"] and m["quarantined"] == 1
+
+    plain = run_ingest([str(root / "cfp")], str(tmp_path / "plain"), IngestConfig(), key=KEY).manifest
+    dotted = run_ingest([f"{root}/cfp/empty/.."], str(tmp_path / "dotted"), IngestConfig(), key=KEY).manifest
+    assert {k: dotted[k] for k in COUNTS} == {k: plain[k] for k in COUNTS}
+    assert _shard_hashes(LOCAL, str(tmp_path / "dotted"), dotted) == _shard_hashes(
+        LOCAL, str(tmp_path / "plain"), plain
+    )
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def tiny_config(**overrides) -> PretrainConfig:
+    base = {
+        "run.steps": 8,
+        "run.checkpoint_every": 2,
+        "run.log_every": 1,
+        "run.deterministic_data": True,
+        "optim.batch_size_per_worker": 5,
+        "optim.warmup_steps": 1,
+        "optim.freeze_last_layer_steps": 1,
+        "memory.size": 32,
+        "model.out_dim": 128,
+    }
+    return load_config(PretrainConfig, ROOT / "configs" / "pretrain_tiny.yaml", base | overrides)
+
+
+@pytest.fixture(scope="module")
+def shards(ray_session, corpus, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shards")
+    inputs = [str(corpus.root / m) for m in ("derm", "oct")]
+    run_ingest(inputs, str(out), IngestConfig(), labels_csv=str(corpus.labels_csv), key=KEY)
+    return str(out)
+
+
+def _final_state(run_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1] / "state"
+    return json.loads((latest / "meta.json").read_text())["step"], load_file(str(latest / "state.safetensors"))
+
+
+def _logged_steps(run_dir: Path, key: str) -> list[int]:
+    saved = json.loads((run_dir / "mlflow_run.json").read_text())
+    history = mlflow.MlflowClient(saved["tracking_uri"]).get_metric_history(saved["run_id"], key)
+    return sorted(m.step for m in history)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["streamed", "cached"])
+def test_balanced_batches_fast_forward_continues_the_same_sequence(cache_bytes):
+    """A resumed worker draws exactly the rows an uninterrupted one would, whether passes are re-streamed or
+    served from the cache, across pass boundaries and with the extras rotating over two workers."""
+    sizes = {"A": 5, "B": 13, "C": 2}
+
+    def stream(modality: str, n: int) -> Callable[[int], Iterator[dict[str, np.ndarray]]]:
+        def passes(epoch: int) -> Iterator[dict[str, np.ndarray]]:
+            ids = np.arange(n) + 100 * ord(modality)
+            for i in range(0, n, 3):
+                yield {"id": ids[i : i + 3], "epoch": np.full(len(ids[i : i + 3]), epoch)}
+
+        return passes
+
+    def batches() -> BalancedBatches:
+        streams = {m: stream(m, n) for m, n in sizes.items()}
+        return BalancedBatches(streams, 7, rank=1, world_size=2, cache_bytes=cache_bytes, seed=3)
+
+    reference = batches()
+    expected = [reference.next(t)[0] for t in range(30)]
+    for start in (1, 3, 11, 22):
+        resumed = batches()
+        resumed.fast_forward(start, sizes)
+        for t in range(start, 30):
+            got = resumed.next(t)[0]
+            assert all(np.array_equal(got[k], expected[t][k]) for k in got), (start, t)
+
+
+def test_killed_train_worker_resumes_exactly(shards, tmp_path):
+    """One worker, seeded data order: a run whose worker is SIGKILLed after its first checkpoint restores it and
+    ends with the same weights, memory queue, centre, optimiser and RNG state as an uninterrupted run."""
+    cfg = tiny_config()
+    storage = tmp_path / "runs"
+    run_pretrain(cfg, [shards], str(storage), "clean", workers=1, max_failures=0)
+
+    def past_first_checkpoint() -> bool:
+        # a step after the first checkpoint was logged: that checkpoint was reported
+        with contextlib.suppress(Exception):
+            return max(_logged_steps(storage / "killed", "loss"), default=0) > cfg.run.checkpoint_every
+        return False
+
+    with killing("ray::RayTrainWorker", past_first_checkpoint) as killed:
+        result = run_pretrain(cfg, [shards], str(storage), "killed", workers=1, max_failures=1)
+    assert killed, "the run ended before its worker could be killed"
+    assert result.steps == cfg.run.steps
+
+    resumed_at = _logged_steps(storage / "killed", "resumed_at_step")
+    assert len(resumed_at) == 1 and resumed_at[0] >= cfg.run.checkpoint_every
+    steps = _logged_steps(storage / "killed", "loss")
+    assert set(steps) == set(range(1, cfg.run.steps + 1))
+    assert all(steps.count(s) == 1 for s in range(1, resumed_at[0] + 1))  # not redone from scratch
+
+    clean_step, clean = _final_state(storage / "clean")
+    killed_step, resumed = _final_state(storage / "killed")
+    assert clean_step == killed_step == cfg.run.steps
+    assert clean.keys() == resumed.keys()
+    for prefix in ("student/", "teacher/", "memory/", "dino_loss/", "optimizer/", "rng/"):
+        assert any(k.startswith(prefix) for k in clean), prefix
+    for key, value in clean.items():
+        assert torch.allclose(value.double(), resumed[key].double(), atol=1e-5), key
