@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import tempfile
@@ -64,6 +65,7 @@ SLIDE_EXTENSIONS = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".
 TIFF_EXTENSIONS = {".tif", ".tiff"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
 NPZ_EXTENSIONS = {".npz"}
+UNITS_PER_BLOCK = 256
 _ERROR_COLUMNS = ("_status", "_input", "_stage", "_error_class", "_message")
 
 
@@ -384,7 +386,7 @@ class ShardWriter:
             part = table.filter(pa.compute.equal(table.column("modality"), modality))
             writer, handle, size = self._open.get(modality) or self._start(modality)
             writer.write_table(part, row_group_size=self.cfg.row_group_rows)
-            size += sum(len(b) for b in part.column("image").to_pylist())
+            size += pa.compute.sum(pa.compute.binary_length(part.column("image"))).as_py() or 0
             self._open[modality] = (writer, handle, size)
             if size >= self.cfg.shard_bytes:
                 self._close(modality)
@@ -498,13 +500,14 @@ def run_ingest(
         return IngestResult(output, previous, skipped=True)
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    log.info("ingest: %d files in %d read tasks", len(files), len(units))
+    log.info("ingest: %d files in %d read units", len(files), len(units))
     ctx = ReadContext(cfg, pseud, storage.filesystem(inputs[0])[0])
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_items(
-        [{"unit": _unit_to_json(u)} for u in units], override_num_blocks=max(1, min(len(units), 200))
-    )
+    # Several units per block: a task per file would cost more in Ray overhead than a photo costs to decode.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    blocks = min(len(units), max(4 * cpus, math.ceil(len(units) / UNITS_PER_BLOCK)))
+    ds = ray.data.from_items([{"unit": _unit_to_json(u)} for u in units], override_num_blocks=blocks)
     ds = ds.map_batches(_read_batch, fn_kwargs={"ctx": ctx}, batch_size=1, batch_format="numpy")
+    ds.context.execution_options.preserve_order = True  # rows reach the writer in input order: deterministic shards
 
     staging = posixpath.join(out, f"_staging-{uuid.uuid4().hex[:12]}")
     writer = ShardWriter(out_fs, staging, cfg)
