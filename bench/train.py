@@ -31,6 +31,9 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray renices its workers to 15; on a shared machine that alone slows the Train worker against the bare loop
+# (niceness 0) by however busy the machine is. Both loops run at this process's niceness unless this is set.
+os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
 
 import argparse
 import math
@@ -234,6 +237,7 @@ class WorkerCPU:
     def __init__(self, period: float = 0.1):
         self.period = period
         self.samples: list[tuple[float, float]] = []
+        self.niceness: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -250,6 +254,8 @@ class WorkerCPU:
         while not self._stop.wait(self.period if pid else 0.5):
             if pid is None:
                 pid = next((p for p, t in _descendants().items() if t.startswith("ray::RayTrainWorker")), None)
+                if pid is not None:
+                    self.niceness = os.getpriority(os.PRIO_PROCESS, pid)
                 continue
             try:
                 self.samples.append((time.time(), _cpu_seconds(pid)))
@@ -319,6 +325,7 @@ def ray_loop(cfg: PretrainConfig, shards: str, work: Path, name: str, first: int
         "wall": (stamps[last] - stamps[first]) / steps,
         "step": statistics.median(cfg.optim.batch_size_per_worker / rates[s] for s in rates if first < s <= last),
         "cpu": cpu.between(stamps[first], stamps[last]) / steps,
+        "niceness": float("nan") if cpu.niceness is None else cpu.niceness,
     }
 
 
@@ -356,6 +363,7 @@ def bench_steps(shards: str, work: Path, quick: bool, reps: int) -> tuple[Pretra
                 f"{r['cpu'] * 1e3:.0f} ms CPU)"
                 for who, r in (("bare", bare), ("Ray", ray))
             )
+            + f"; niceness bare {os.getpriority(os.PRIO_PROCESS, 0)}, Ray worker {ray['niceness']:.0f}"
             + f"; load {loadavg()}",
             flush=True,
         )
