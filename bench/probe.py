@@ -4,9 +4,10 @@ the encoder over the images (the naive probe), on the same local Ray, data, sear
     python bench/probe.py [--images 400] [--trials 8] [--model vit_small_patch16_224] [--img-size 64]
 
 Prints the time of each path and the ratio naive / cached (extraction included on the cached side). The data is
-a synthetic labelled ingest output (one shard and its manifest) written into a temporary folder. Both sides run
-one encoder per CPU. The naive side pays the encoder once per trial (ASHA stops trials only after their first
-epoch), so the ratio grows with N and with the encoder's cost; Tune's fixed per-sweep cost weighs on both.
+a synthetic labelled ingest output (one shard and its manifest) written into a temporary folder. Extraction runs
+as the pipeline runs it (one encoder actor per 2 CPUs on CPU), the naive side one trial per CPU. The naive side
+pays the encoder once per trial (ASHA stops trials only after their first epoch), so the ratio grows with N and
+with the encoder's cost; Tune's fixed per-sweep cost weighs on both.
 """
 
 # ruff: noqa: E402 - imports follow the sys.path fix below
@@ -139,8 +140,6 @@ def main() -> None:
         {
             "trials": args.trials,
             "search": {"epochs": [args.epochs], "grace_period": max(1, args.epochs // 4), "hidden": [256]},
-            # One encoder per CPU on both sides: Tune runs one trial per CPU.
-            "extract": {"actors": cpus},
         },
     )
     with tempfile.TemporaryDirectory() as tmp:

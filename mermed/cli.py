@@ -164,9 +164,7 @@ def probe(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="corpus, shards, runs, MLflow")] = Path(
-        "demo_work"
-    ),
+    workdir: Annotated[Path, typer.Option(help="corpus, shards, runs, MLflow")] = Path("demo_work"),
     steps: Annotated[int | None, typer.Option(help="override the tiny config's pretraining steps")] = None,
     per_class: Annotated[int, typer.Option(help="generated images per class and modality")] = 32,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,

@@ -383,13 +383,21 @@ def features_schema(embed_dim: int) -> pa.Schema:
 
 
 def _actor_pool(cfg: ExtractConfig) -> tuple[int, float]:
-    """(actors, GPUs per actor): one actor per GPU when the cluster has GPUs, else one per 2 CPUs."""
+    """(actors, GPUs per actor): one actor per GPU when the cluster has GPUs, else one per 2 CPUs.
+
+    Actors never take every CPU: Ray Data's read tasks need one, and without it the pipeline stalls.
+    """
     import ray
 
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    actors = cfg.actors or (gpus if gpus else max(1, int(resources.get("CPU", 1)) // 2))
-    return actors, 1.0 if gpus else 0.0
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
+    limit = max(1, int((cpus - 1) // cfg.cpus_per_actor))
+    if gpus:
+        limit = min(limit, gpus)
+    actors = cfg.actors or (gpus if gpus else max(1, int(cpus) // 2))
+    if actors > limit:
+        log.warning("features: %d encoder actors do not fit this cluster; using %d", actors, limit)
+    return min(actors, limit), 1.0 if gpus else 0.0
 
 
 def features_dir(output: str | Path, encoder: Encoder, data: TaskData) -> Path:

@@ -126,13 +126,14 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory) -> Path:
-    """OCT volumes of noise as multi-page TIFFs: every page is one row with its own pixel hash, and each file
-    keeps a read task busy long enough to be killed in the middle."""
+    """OCT volumes of noise as multi-page TIFFs: every page is one row with its own pixel hash, each file keeps
+    a read task busy long enough to be killed in the middle, and 16 files make tasks of two files (2 CPUs), so a
+    task can die after it has handed over a first part of its rows."""
     root = tmp_path_factory.mktemp("volumes") / "raw"
     (root / "oct").mkdir(parents=True)
     rng = np.random.default_rng(7)
-    for i in range(8):
-        tifffile.imwrite(root / "oct" / f"vol_{i}.tif", rng.integers(0, 256, (10, 192, 192), dtype=np.uint8))
+    for i in range(16):
+        tifffile.imwrite(root / "oct" / f"vol_{i:02d}.tif", rng.integers(0, 256, (5, 192, 192), dtype=np.uint8))
     return root
 
 
@@ -225,7 +226,7 @@ def test_paths_escaping_the_root_are_refused(ray_session, corpus, tmp_path):
 
 def tiny_config(**overrides) -> PretrainConfig:
     base = {
-        "run.steps": 6,
+        "run.steps": 4,
         "run.checkpoint_every": 2,
         "run.log_every": 1,
         "run.deterministic_data": True,
@@ -290,9 +291,7 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path):
     ends with the same weights, memory queue, centre, optimiser and RNG state as an uninterrupted run."""
     cfg = tiny_config()
     storage = tmp_path / "runs"
-    import time; t0 = time.time()
     run_pretrain(cfg, [shards], str(storage), "clean", workers=1, max_failures=0)
-    print("TIMING clean", time.time() - t0)
 
     def past_first_checkpoint() -> bool:
         # a step after the first checkpoint was logged: that checkpoint was reported
@@ -302,7 +301,6 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path):
 
     with killing("ray::RayTrainWorker", past_first_checkpoint) as killed:
         result = run_pretrain(cfg, [shards], str(storage), "killed", workers=1, max_failures=1)
-    print("TIMING killed", time.time() - t0)
     assert killed, "the run ended before its worker could be killed"
     assert result.steps == cfg.run.steps
 
@@ -348,38 +346,53 @@ def test_no_credential_in_anything_a_run_writes(s3_server, corpus, tmp_path):
         "MLFLOW_TRACKING_TOKEN": f"mlflowtoken{uuid.uuid4().hex}",
         "MERMED_DEID_KEY": f"deidkey{uuid.uuid4().hex}",
     }
+    # Names that must be found where the secrets are looked for: proof that the scan reads what was written.
+    dataset, run = f"dataset{uuid.uuid4().hex[:12]}", f"run{uuid.uuid4().hex[:12]}"
     bucket = f"faults-{uuid.uuid4().hex[:8]}"
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
     fs.mkdir(bucket)
     for m in ("derm", "oct"):
         fs.put(str(corpus.root / m), f"{bucket}/raw/{m}", recursive=True)
     config = tmp_path / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump(tiny_config(**{"run.steps": 2, "run.checkpoint_every": 1}).model_dump(mode="json"))
-    )
+    tiny = tiny_config(**{"run.steps": 1, "run.checkpoint_every": 1})
+    config.write_text(yaml.safe_dump(tiny.model_dump(mode="json")))
     ray_tmp = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))  # short: Ray's socket paths must stay short
     env = {**os.environ, **secrets, "RAY_TMPDIR": str(ray_tmp), "AWS_ENDPOINT_URL": s3_server}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MERMED_DEID_KEY_FILE", "MERMED_S3_ENDPOINT"):
         env.pop(name, None)
-    mermed = str(Path(sys.executable).with_name("mermed"))
+    inputs = ["-i", f"s3://{bucket}/raw/derm", "-i", f"s3://{bucket}/raw/oct"]
     commands = [
-        [mermed, "ingest", "-i", f"s3://{bucket}/raw/derm", "-i", f"s3://{bucket}/raw/oct", "-o", "shards", "-v"],
-        [mermed, "pretrain", "--config", str(config), "-d", "shards", "--storage", "runs", "--name", "sec", "-v"],
+        ["ingest", *inputs, "-o", "shards", "--dataset", dataset, "-v"],
+        ["pretrain", "--config", str(config), "-d", "shards", "--storage", "runs", "--name", run, "-v"],
     ]
+    # Both commands in one process, as `mermed` runs them, so that one local Ray is started instead of two.
+    script = (
+        "import json, sys\n"
+        "from mermed.cli import app\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    if code := app(argv, standalone_mode=False):\n"
+        "        sys.exit(code)\n"
+    )
     try:
-        console = []
-        for command in commands:
-            done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=400)
-            assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
-            console += [done.stdout, done.stderr]
-        assert (tmp_path / "runs" / "sec" / "encoder.safetensors").is_file()
+        done = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(commands)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            timeout=500,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+        assert (tmp_path / "runs" / run / "encoder.safetensors").is_file()
         assert (tmp_path / "runs" / "mlflow.db").is_file()
         written = [p for top in (tmp_path, ray_tmp) for p in top.rglob("*") if p.is_file() and not p.is_symlink()]
-        assert any(p.name.startswith("worker-") for p in written)  # Ray's worker logs are among them
+        blobs = {str(p): _readable_bytes(p) for p in written} | {"console": [done.stdout, done.stderr]}
+        found = {
+            name: {where for where, data in blobs.items() if any(name.encode() in b for b in data)}
+            for name in (dataset, run)
+        }
+        assert any(w.endswith(".parquet") for w in found[dataset]) and any(str(ray_tmp) in w for w in found[run])
         for name, secret in secrets.items():
-            needle = secret.encode()
-            assert not [i for i, text in enumerate(console) if needle in text], f"{name} in console output"
-            leaks = [p for p in written if any(needle in b for b in _readable_bytes(p))]
+            leaks = [where for where, data in blobs.items() if any(secret.encode() in b for b in data)]
             assert not leaks, f"{name} written to {leaks}"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

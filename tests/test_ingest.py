@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from ingest.samples import copy_pydicom_testdata, make_sample_corpus
 
 from ingest.deid import MissingKeyError, Pseudonymizer, load_key
 from ingest.labels import LabelFileError
 from ingest.pipeline import MANIFEST, QUARANTINE, IngestError, ShardWriter, run_ingest
+from ingest.samples import copy_pydicom_testdata, make_sample_corpus
 from ingest.schema import ROW_SCHEMA, decode_image
 from mermed.config import MODALITIES, IngestConfig
 

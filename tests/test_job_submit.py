@@ -97,15 +97,33 @@ def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
+def _left_in_session(sid: int) -> list[int]:
+    """Live processes of session ``sid``, from /proc (zombies excluded: dead, waiting for their parent)."""
+    left = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        with contextlib.suppress(OSError, ValueError):
+            stat = Path("/proc", entry, "stat").read_text()
+            state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+            if int(session) == sid and state != "Z":
+                left.append(int(entry))
+    return left
+
+
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop the head by its process group: SIGTERM, then SIGKILL for whatever is still there."""
-    for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        try:
+    """Stop the head: SIGTERM, then SIGKILL, to its process group; then SIGKILL by pid to whatever still lives
+    in its session (Ray gives each worker a process group of its own, inside the session the head started)."""
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait_s)
+    deadline = time.monotonic() + 10
+    print("DEBUG left after killpg:", _left_in_session(proc.pid))
+    while (left := _left_in_session(proc.pid)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +167,10 @@ def head() -> Iterator[Head]:
             time.sleep(1)
         yield Head(api, env, token, tmp / "ray")
     finally:
-        _stop(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _stop(proc)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _ready(api: str, token: str) -> bool:
@@ -231,7 +251,8 @@ def test_ingest_job(ingested):
 
 def test_working_dir_upload_is_the_code_only(head, ingested):
     """What ``--working-dir .`` shipped, as the head unpacked it: the code, without the venv or git."""
-    unpacked = list((head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files").iterdir())
+    packages = head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files"
+    unpacked = [p for p in packages.iterdir() if p.is_dir()]  # beside them: *.zip.lock files
     assert unpacked
     for package in unpacked:
         files = [p for p in package.rglob("*") if p.is_file()]

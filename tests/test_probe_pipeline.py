@@ -347,3 +347,13 @@ def test_encoder_and_data_on_s3(s3_bucket: str, tmp_path: Path, encoder_file: Pa
     assert inspect_task(_task(f"s3://{s3_bucket}/data")).counts == inspect_task(_task(data)).counts
     with pytest.raises(ProbeError, match="not found"):
         load_encoders(f"s3://{s3_bucket}/elsewhere/encoder.safetensors", [])
+
+
+def test_encoder_actors_leave_a_cpu_for_reading(ray_session) -> None:
+    """An actor pool holding every CPU would starve Ray Data's read tasks: the pool is capped below that."""
+    from mermed.config import ExtractConfig
+    from pipelines.probe import _actor_pool
+
+    assert _actor_pool(ExtractConfig()) == (1, 0.0)  # 2 CPUs: one actor
+    assert _actor_pool(ExtractConfig(actors=2)) == (1, 0.0)
+    assert _actor_pool(ExtractConfig(actors=4, cpus_per_actor=0.5)) == (2, 0.0)
