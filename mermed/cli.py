@@ -28,7 +28,9 @@ def ingest(
     dataset: Annotated[str | None, typer.Option(help="dataset name stored in every row")] = None,
     modality: Annotated[str, typer.Option(help="auto|CT|CXR|US|PATH|CFP|OCT|DERM")] = "auto",
     config: Annotated[Path | None, typer.Option(help="YAML IngestConfig (windows, tiling, shard size...)")] = None,
-    key_file: Annotated[Path | None, typer.Option(help="de-identification key file (else $MERMED_DEID_KEY)")] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(help="de-identification key file (else $MERMED_DEID_KEY or $MERMED_DEID_KEY_FILE)")
+    ] = None,
     force: Annotated[bool, typer.Option(help="re-ingest even when the output is up to date")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -68,7 +70,9 @@ def ingest(
 @app.command()
 def trace(
     path: Annotated[str, typer.Argument(help="an input path relative to its ingest root")],
-    key_file: Annotated[Path | None, typer.Option(help="de-identification key file (else $MERMED_DEID_KEY)")] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(help="de-identification key file (else $MERMED_DEID_KEY or $MERMED_DEID_KEY_FILE)")
+    ] = None,
 ) -> None:
     """Print the pseudonym that rows from PATH carry in their ``source`` column (to trace a row back)."""
     from ingest.deid import MissingKeyError, Pseudonymizer, load_key

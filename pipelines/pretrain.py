@@ -247,6 +247,15 @@ def run_pretrain(
             f"modalities ({len(modalities)}): a balanced batch needs one image of each"
         )
     run_uri = storage.join(storage_uri, name)
+    if (
+        workdir is None
+        and storage.is_remote(storage_uri)
+        and not (cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    ):
+        log.warning(
+            "storage is remote and no MLflow tracking URI is set: the run history goes to ./mlflow.db, "
+            "which a `ray job submit` working directory does not keep; set MLFLOW_TRACKING_URI"
+        )
     workdir = workdir or (storage_uri if not storage.is_remote(storage_uri) else ".")
     params = {
         "data": ",".join(data),

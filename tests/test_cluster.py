@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,6 +120,18 @@ def test_node_types(config):
         assert node_type["min_workers"] == 0, "worker types scale from zero"
         assert node_type["max_workers"] >= 1
     assert sum(t["max_workers"] for t in [*gpu.values(), *cpu.values()]) <= config["max_workers"]
+
+
+def bash_syntax_errors(command: str) -> str:
+    return subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True, check=False).stderr
+
+
+def test_node_commands_are_valid_bash(config):
+    """The folded YAML commands Ray runs on the nodes parse as bash: a slip fails here, not at boot."""
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+    commands = [c for key in keys for c in config[key]]
+    assert commands and all(bash_syntax_errors(c) == "" for c in commands)
+    assert bash_syntax_errors("for s in a b; do echo $s") != ""
 
 
 def test_image_and_environment(config):

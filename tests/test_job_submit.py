@@ -61,7 +61,7 @@ NOT_INHERITED = {
     "MERMED_DEID_KEY",
     "MERMED_DEID_KEY_FILE",
 }
-JOB_TIMEOUT_S = 300
+JOB_TIMEOUT_S = 420  # a job on a busy 2-core machine: the tiny pretraining took 210 s at load 20
 
 
 @dataclass
@@ -118,7 +118,6 @@ def _stop(proc: subprocess.Popen) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=wait_s)
     deadline = time.monotonic() + 10
-    print("DEBUG left after killpg:", _left_in_session(proc.pid))
     while (left := _left_in_session(proc.pid)) and time.monotonic() < deadline:
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
@@ -156,7 +155,7 @@ def head() -> Iterator[Head]:
         "--disable-usage-stats",
     ]
     with log.open("w") as out:
-        # A new session: the head and every process it starts share one process group, ours to kill.
+        # A new session: its id is the head's pid, and so is the process group of the daemons it starts.
         proc = subprocess.Popen(command, stdout=out, stderr=out, env=env, start_new_session=True)
     api = f"http://127.0.0.1:{dashboard}"
     try:
