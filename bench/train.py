@@ -172,9 +172,10 @@ def dino_augmentation(crops: CropsConfig) -> Callable[[Image.Image], list[torch.
     return lambda img: [t(img) for t in transforms]
 
 
-def bench_crops(images: np.ndarray, crops: CropsConfig, reps: int) -> tuple[list[float], list[float]]:
+def bench_crops(images: np.ndarray, crops: CropsConfig, reps: int) -> dict[str, dict[str, list[float]]]:
     """images/s of the batched tensor pipeline and of DINO's per-image PIL pipeline, one CPU thread each,
-    ``reps`` interleaved repetitions after one warm-up of each."""
+    ``reps`` interleaved repetitions after one warm-up of each: per wall second, and per CPU second of the
+    calling thread (where both do all their work), which other processes' load does not inflate as much."""
     torch.set_num_threads(1)
     tensor_fn = MultiCrop.from_config(crops)
     pil_fn = dino_augmentation(crops)
@@ -182,25 +183,22 @@ def bench_crops(images: np.ndarray, crops: CropsConfig, reps: int) -> tuple[list
     pil_images = [Image.fromarray(a) for a in images]
     random.seed(0)
     gen = torch.Generator().manual_seed(0)
-
-    def run_tensor() -> list[torch.Tensor]:
-        return tensor_fn(batch, generator=gen)
-
-    def run_pil() -> list[list[torch.Tensor]]:
-        return [pil_fn(img) for img in pil_images]
-
-    views, per_image = run_tensor(), run_pil()
-    got = [tuple(v.shape[1:]) for v in views]
-    want = [tuple(v.shape) for v in per_image[0]]
+    runs: dict[str, Callable[[], object]] = {
+        "MultiCrop": lambda: tensor_fn(batch, generator=gen),
+        "DINO PIL": lambda: [pil_fn(img) for img in pil_images],
+    }
+    got = [tuple(v.shape[1:]) for v in runs["MultiCrop"]()]
+    want = [tuple(v.shape) for v in runs["DINO PIL"]()[0]]
     if got != want:
         raise RuntimeError(f"the two pipelines make different views: {got} vs {want}")
-    tensor_rates, pil_rates = [], []
+    rates: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in runs}
     for _ in range(reps):
-        for fn, rates in ((run_tensor, tensor_rates), (run_pil, pil_rates)):
-            start = time.perf_counter()
+        for name, fn in runs.items():
+            wall, cpu = time.perf_counter(), time.thread_time()
             fn()
-            rates.append(len(images) / (time.perf_counter() - start))
-    return tensor_rates, pil_rates
+            rates[name]["cpu"].append(len(images) / (time.thread_time() - cpu))
+            rates[name]["wall"].append(len(images) / (time.perf_counter() - wall))
+    return rates
 
 
 # ------------------------------------------------------------------------------------------------ (b) steps
@@ -443,8 +441,8 @@ def bench_gpu(batch: int | None, steps: int, warmup: int, peak: float | None) ->
     crop_s = timed(lambda: crops(images, generator=gen))
     step_s = timed(lambda: train_step(state, crops(images, generator=gen)))
     rate = b / step_s
-    print(f"(c) {name}: ViT-B/16 {cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x"
-          f"{cfg.crops.local_size} views, bf16, batch {b}, {steps} steps after {warmup + 1} warm-up")  # fmt: skip
+    views = f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}"
+    print(f"(c) {name}: ViT-B/16 {views} views, bf16, batch {b}, {steps} steps after {warmup + 1} warm-up")
     print(f"  step {step_s * 1e3:.1f} ms ({crop_s * 1e3:.1f} ms of it multi-crop), {rate:.1f} images/s")
     print(
         f"  model FLOPs per image (analytic) {flops / 1e9:.1f} G; torch's count of the whole step {counted / 1e9:.1f} G"
@@ -485,22 +483,28 @@ def main() -> None:
 
         pixels = np.concatenate([d["pixels"] for d in decoded(shards, crops.decode_size, None).values()])
         images = pixels[np.arange(32 if not args.quick else 16) % len(pixels)]
-        tensor_rates, pil_rates = bench_crops(images, crops, args.reps)
-        tensor, pil = statistics.median(tensor_rates), statistics.median(pil_rates)
+        rates = bench_crops(images, crops, args.reps)
+        crop_med = {(n, k): statistics.median(v) for n, r in rates.items() for k, v in r.items()}
+        crop_summary = "; ".join(
+            f"per {k} second: MultiCrop {crop_med['MultiCrop', k]:.1f}, DINO PIL {crop_med['DINO PIL', k]:.1f} img/s, "
+            f"{crop_med['MultiCrop', k] / crop_med['DINO PIL', k]:.2f}x"
+            for k in ("wall", "cpu")
+        )
         print(
             f"(a) {len(images)} images of {crops.decode_size} px -> {crops.n_global}x{crops.global_size} + "
-            f"{crops.n_local}x{crops.local_size} views, 1 thread each: MultiCrop {tensor:.1f} img/s "
-            f"({', '.join(f'{r:.1f}' for r in tensor_rates)}), DINO PIL {pil:.1f} img/s "
-            f"({', '.join(f'{r:.1f}' for r in pil_rates)}): {tensor / pil:.2f}x (target >= {CROPS_TARGET}x); "
-            f"load {loadavg()}",
-            flush=True,
+            f"{crops.n_local}x{crops.local_size} views, 1 thread each (target >= {CROPS_TARGET}x); load {loadavg()}",
         )
+        for name, r in rates.items():
+            print(
+                f"  {name} img/s per rep: " + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in r.items())
+            )
+        print(f"  {crop_summary}", flush=True)
 
         cfg, steps = bench_steps(shards, work, args.quick, args.reps)
         med = {k: statistics.median(v) for k, v in steps.items()}
         ray.shutdown()
         print(f"\nmachine: {machine()}; medians of {args.reps} repetitions")
-        print(f"(a) multi-crop per core: MultiCrop {tensor:.1f} img/s, DINO PIL {pil:.1f} img/s, {tensor / pil:.2f}x")
+        print(f"(a) multi-crop, one thread: {crop_summary}")
         print(
             f"(b) step, tiny config: bare {med['bare wall'] * 1e3:.0f} ms, Ray Train {med['ray wall'] * 1e3:.0f} ms: "
             f"{med['ray wall'] / med['bare wall']:.3f}x wall (target < {STEP_TARGET}); step alone (logged steps, "

@@ -162,9 +162,9 @@ class _Stream:
         return batch
 
     def fast_forward(self, rows: int, pass_rows: int) -> None:
-        """Continue as if ``rows`` rows had been taken, passes being ``pass_rows`` long; at most one pass is
-        read again: pass 0 when later passes come from the cache (it decides whether they do, and fills it),
-        else only the rows skipped in the current pass."""
+        """Continue as if ``rows`` rows had been taken, passes being ``pass_rows`` long. Pass 0 is read again
+        as far as the cache goes (it decides whether later passes come from the cache, and fills it); a pass
+        too big to cache is then started directly and only its skipped rows are read."""
         epoch, within = divmod(rows, pass_rows)
         if epoch:
             while self.epoch == 0 and self.first_pass is not None:

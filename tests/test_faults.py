@@ -138,11 +138,11 @@ def volumes(tmp_path_factory) -> Path:
 
 
 def test_killed_read_worker_is_retried_without_loss_or_duplicate(ray_session, volumes, tmp_path):
+    """Ray Data retries the task of a killed read worker; the output equals that of a fault-free run."""
     clean = run_ingest([str(volumes)], str(tmp_path / "clean"), IngestConfig(), key=KEY).manifest
     with killing("ray::MapBatches(_read_batch)") as killed:
         faulted = run_ingest([str(volumes)], str(tmp_path / "faulted"), IngestConfig(), key=KEY).manifest
     assert killed, "no read task was running to be killed"
-    assert not Path(f"/proc/{killed[0]}").exists()
     assert {k: faulted[k] for k in COUNTS} == {k: clean[k] for k in COUNTS}
     assert faulted["rows"] == 80 and faulted["duplicates"] == 0 and faulted["quarantined"] == 0
     hashes = _shard_hashes(LOCAL, str(tmp_path / "faulted"), faulted)
@@ -226,7 +226,7 @@ def test_paths_escaping_the_root_are_refused(ray_session, corpus, tmp_path):
 
 def tiny_config(**overrides) -> PretrainConfig:
     base = {
-        "run.steps": 4,
+        "run.steps": 6,
         "run.checkpoint_every": 2,
         "run.log_every": 1,
         "run.deterministic_data": True,
@@ -319,7 +319,8 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path):
     for key, value in clean.items():
         if key in ("rng/numpy", "rng/python"):
             continue  # never seeded, never drawn from in a step: each process starts them at random
-        assert torch.allclose(value.double(), resumed[key].double(), atol=1e-5), key
+        # bit-identical on CPU; without the exact resume the memory and centre differ by >1e-3, weights by ~1e-5
+        assert torch.allclose(value.double(), resumed[key].double(), rtol=0, atol=1e-6), key
 
 
 # ----------------------------------------------------------------------------------------------- security
