@@ -85,3 +85,9 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent (real sample files live there only on the project's machines)")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fault-injection tests run last: a killed Ray worker can leave the shared session's cluster degraded
+    (placement groups awaiting clean-up), which must not starve the ordinary tests that follow."""
+    items.sort(key=lambda item: item.get_closest_marker("faults") is not None)
