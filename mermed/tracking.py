@@ -28,7 +28,14 @@ def use_experiment(name: str, uri: str, workdir: str | Path) -> str:
     """Point MLflow at ``uri`` and return the id of experiment ``name``, creating it with local artifacts."""
     import mlflow
 
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    # MLflow also exports the URI to the environment; undo that, or the next stage run in this process (the
+    # demo, a test session) would log into this stage's store instead of its own default.
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
