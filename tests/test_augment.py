@@ -6,7 +6,14 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from mermed.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCrop, _crop_boxes, _gaussian_blur, _shift_hue
+from mermed.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MultiCrop,
+    _colour_transform,
+    _crop_boxes,
+    _gaussian_blur_,
+)
 from mermed.config import CropsConfig
 
 MEAN = torch.tensor(IMAGENET_MEAN)[:, None, None]
@@ -82,22 +89,52 @@ def test_crop_boxes_stay_inside_and_respect_the_scale():
     assert (ratio >= 3 / 4 - 1e-4).all() and (ratio <= 4 / 3 + 1e-4).all()
 
 
-def test_hue_shift_matches_torchvision():
-    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
-    shift = torch.tensor([0.1, -0.1, 0.03, 0.0])
-    expected = torch.stack([TF.adjust_hue(x[i], float(shift[i])) for i in range(4)])
-    torch.testing.assert_close(_shift_hue(x, shift), expected, atol=1e-5, rtol=0)
+def _jitter(x: torch.Tensor, **factors: float | bool) -> torch.Tensor:
+    """``_colour_transform`` of 0-255 rows with one set of factors for every row (identity where not given)."""
+    n = len(x)
+    params = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "to_gray": False} | factors
+    rows = {k: torch.full((n,), v, dtype=torch.bool if k == "to_gray" else torch.float32) for k, v in params.items()}
+    return _colour_transform(x, **rows)
+
+
+def test_colour_transform_matches_torchvision_brightness_contrast_saturation_and_grayscale():
+    # Mid-range pixels and moderate factors, so torchvision's clamps between the steps never bite.
+    x = 0.3 + 0.4 * torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x, 1.2), 0.8), 1.15)
+    got = _jitter(x * 255, brightness=1.2, contrast=0.8, saturation=1.15)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    gray = _jitter(x * 255, brightness=1.2, contrast=0.8, saturation=1.15, to_gray=True)
+    # torchvision weighs red 0.2989 where ITU-R 601 (and this module) say 0.299.
+    torch.testing.assert_close(gray, TF.rgb_to_grayscale(expected).expand_as(gray), atol=2e-4, rtol=0)
+    torch.testing.assert_close(_jitter(x * 255), x, atol=1e-6, rtol=0)
+
+
+def test_hue_rotation_keeps_luma_and_grays_and_turns_the_hue():
+    x = 0.2 + 0.6 * torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    weights = torch.tensor([0.299, 0.587, 0.114])[:, None, None]  # ITU-R 601 luma
+    turned = _jitter(x * 255, hue=0.08)
+    torch.testing.assert_close((weights * turned).sum(-3), (weights * x).sum(-3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_jitter(turned * 255, hue=-0.08), x, atol=1e-5, rtol=0)
+    moved = torch.remainder(_hue(turned) - _hue(x) + 0.5, 1.0) - 0.5  # signed change, fraction of a turn
+    assert (moved.abs() > 0.02).float().mean() > 0.9
+    grays = x[:, :1].expand(-1, 3, -1, -1)
+    torch.testing.assert_close(_jitter(grays * 255, hue=0.1), grays, atol=1e-5, rtol=0)
+    # A one-channel row is a gray RGB row.
+    torch.testing.assert_close(_jitter(x[:, :1] * 255, brightness=1.1), _jitter(grays * 255, brightness=1.1))
 
 
 def test_gaussian_blur_matches_torchvision_per_row_and_skips_unselected_rows():
-    x = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(0))
-    sigma = torch.tensor([0.5, 1.7, 1.0])
-    apply = torch.tensor([True, True, False])
-    out = _gaussian_blur(x, sigma, apply)
-    for i in range(2):
+    x = torch.rand(11, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    sigma = torch.rand(11, generator=torch.Generator().manual_seed(1)) * 1.9 + 0.1
+    rows = torch.tensor([0, 2, 3, 4, 5, 6, 7, 8, 10])  # more than one chunk, the last one partial
+    sigma[0] = sigma[10] = 1.9  # each chunk's kernel reaches 6 px, torchvision's 13 taps
+    out = _gaussian_blur_(x.clone(), sigma, rows)
+    for i in rows.tolist():
         expected = TF.gaussian_blur(x[i], kernel_size=[13, 13], sigma=[float(sigma[i])] * 2)
         torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[2], x[2], atol=1e-6, rtol=0)
+    for i in (1, 9):
+        torch.testing.assert_close(out[i], x[i], atol=0, rtol=0)
+    torch.testing.assert_close(_gaussian_blur_(x.clone(), sigma, rows[:0]), x, atol=0, rtol=0)
 
 
 def test_bad_input_is_rejected():
