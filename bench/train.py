@@ -462,6 +462,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny views in (a), fewer timed steps in (b)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (the median is reported)")
+    parser.add_argument("--crops", action="store_true", help="only (a): the multi-crop comparison")
     parser.add_argument("--gpu", action="store_true", help="only (c): ViT-B/16 images/s and MFU on one CUDA GPU")
     parser.add_argument("--batch", type=int, help="(c) images per step (default: configs/pretrain_vitb.yaml)")
     parser.add_argument("--steps", type=int, default=20, help="(c) timed steps")
@@ -499,10 +500,11 @@ def main() -> None:
                 f"  {name} img/s per rep: " + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in r.items())
             )
         print(f"  {crop_summary}", flush=True)
+        if args.crops:
+            return
 
         cfg, steps = bench_steps(shards, work, args.quick, args.reps)
         med = {k: statistics.median(v) for k, v in steps.items()}
-        ray.shutdown()
         print(f"\nmachine: {machine()}; medians of {args.reps} repetitions")
         print(f"(a) multi-crop, one thread: {crop_summary}")
         print(
@@ -513,6 +515,7 @@ def main() -> None:
             f"Ray worker {med['ray cpu'] * 1e3:.0f} ms: {med['ray cpu'] / med['bare cpu']:.3f}x"
         )
     finally:
+        ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -195,8 +195,8 @@ def _colour_transform(
         matrix, mean_luma = matrix.sum(dim=2, keepdim=True), pixel_mean[:, 0]
     else:
         mean_luma = pixel_mean @ luma
-    offset = ((1 - contrast) * brightness * mean_luma)[:, None, None].expand(n, 3, 1)
-    out = torch.baddbmm(offset, matrix, x.flatten(2), beta=1 / 255, alpha=1 / 255)
+    offset = (1 - contrast) * brightness * mean_luma  # contrast pulls towards the mean luma
+    out = torch.bmm(matrix / 255, x.flatten(2)).add_(offset[:, None, None] / 255)
     return out.clamp_(0, 1).unflatten(2, x.shape[-2:])
 
 
@@ -214,7 +214,9 @@ def _hue_rotation(shift: torch.Tensor) -> torch.Tensor:
 def _gaussian_blur_(x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Blur ``x[rows]`` in place, with a sigma per row, ``BLUR_CHUNK`` rows per convolution (the last chunk
     padded by repeating a row, which rewrites the same values): a fixed convolution shape lets oneDNN reuse its
-    kernels, and a chunk stays in cache."""
+    kernels, and a chunk stays in cache. Rows go in order of sigma, so that a chunk of small sigmas gets a short
+    kernel."""
+    rows = rows[sigma[rows].argsort()]
     for chunk in rows.split(BLUR_CHUNK) if len(rows) else ():  # an empty tensor splits into one empty chunk
         chunk = torch.cat([chunk, chunk[-1:].expand(BLUR_CHUNK - len(chunk))])
         x[chunk] = _blur_rows(x[chunk], sigma[chunk])

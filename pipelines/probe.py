@@ -577,6 +577,9 @@ def run_sweep(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     search = cfg.search
+    # Ray's newer console output prints a configuration table per sweep even at verbose=0; the classic one is
+    # silent there (this job logs one line per fit itself). An explicit setting in the environment wins.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, data=data), {"cpu": 1}),
         param_space=search_space(search),

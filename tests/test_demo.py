@@ -1,0 +1,41 @@
+"""`mermed demo` end to end on a smaller corpus and a few steps: the table, the outputs, and a second run that
+reuses every stage."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from pipelines.demo import MODALITY_ORDER, run_demo
+
+pytestmark = pytest.mark.slow
+AUROC_CELL = re.compile(r"(\d\.\d{3}) \[(\d\.\d\d), (\d\.\d\d)\]")
+
+
+def test_demo_prints_an_auroc_table_for_every_modality_and_a_second_run_reuses_every_stage(
+    ray_session, tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="mermed.demo")
+    workdir = tmp_path / "demo"
+    first = run_demo(workdir, steps=4, per_class=12)
+
+    rows = first.table.splitlines()[2:]
+    assert [row.split()[0] for row in rows] == list(MODALITY_ORDER)
+    for row in rows:
+        cells = AUROC_CELL.findall(row)
+        assert len(cells) == 2, f"want a pretrained and a random-weights cell: {row}"
+        for auroc, lo, hi in cells:
+            assert 0 <= float(lo) <= float(auroc) <= float(hi) <= 1
+    assert first.summary_csv.exists() and Path(first.encoder).exists()
+    assert first.tracking_uri == f"sqlite:///{workdir}/mlflow.db"
+
+    caplog.clear()
+    second = run_demo(workdir, steps=4, per_class=12)
+    assert second.table == first.table
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "3/4 pretrain: " in messages and "reusing" in messages
+    assert "4/4 probes: done for this encoder, data and probe config; reusing" in messages
+    assert "4/4 probes (Ray Data" not in messages
