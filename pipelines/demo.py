@@ -48,16 +48,45 @@ def _stage(name: str, fn: Callable[[], T]) -> T:
 
 
 def _assign_splits(labels_csv: Path) -> None:
-    """Give every patient a split in the label CSV (60/20/20 by a hash of the MRN).
+    """Give every patient one split in the label CSV: 60/20/20 in the order of a hash of the MRN, then patients
+    move out of train, where train can spare them, until validation and test hold both labels of every modality
+    (AUROC needs two classes; a small corpus would otherwise draw single-class splits by chance).
 
     Ingest would split by the keyed patient pseudonym, and the demo's key is random per machine; explicit splits
     make the demo's small validation and test sets the same everywhere, as a published dataset's splits are.
     """
     with labels_csv.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
+    has: dict[str, set[tuple[str, str]]] = {}  # patient -> (modality folder, label) pairs
     for row in rows:
-        bucket = int(hashlib.sha256(row["patient_id"].encode()).hexdigest()[:8], 16) % 10
-        row["split"] = "train" if bucket < 6 else "val" if bucket < 8 else "test"
+        has.setdefault(row["patient_id"], set()).add((row["path"].split("/")[0], row["label"]))
+    patients = sorted(has, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    split = {
+        p: "train" if i < 0.6 * len(patients) else "val" if i < 0.8 * len(patients) else "test"
+        for i, p in enumerate(patients)
+    }
+
+    def covered(where: str, pair: tuple[str, str], without: str = "") -> bool:
+        return any(split[q] == where and pair in has[q] for q in patients if q != without)
+
+    for target in ("val", "test"):
+        for pair in sorted(set().union(*has.values())):
+            if covered(target, pair):
+                continue
+            donor = next(
+                (
+                    p
+                    for p in patients
+                    if split[p] == "train"
+                    and pair in has[p]
+                    and all(covered("train", other, without=p) for other in has[p])
+                ),
+                None,
+            )
+            if donor is not None:
+                split[donor] = target
+    for row in rows:
+        row["split"] = split[row["patient_id"]]
     with labels_csv.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -12,7 +12,8 @@ import pytest
 from pipelines.demo import MODALITY_ORDER, run_demo
 
 pytestmark = pytest.mark.slow
-AUROC_CELL = re.compile(r"(\d\.\d{3}) \[(\d\.\d\d), (\d\.\d\d)\]")
+# The bootstrap interval is nan where a tiny test set leaves too few two-class resamples.
+AUROC_CELL = re.compile(r"(\d\.\d{3}) \[(\d\.\d\d|nan), (\d\.\d\d|nan)\]")
 
 
 def test_demo_prints_an_auroc_table_for_every_modality_and_a_second_run_reuses_every_stage(
@@ -20,7 +21,7 @@ def test_demo_prints_an_auroc_table_for_every_modality_and_a_second_run_reuses_e
 ):
     caplog.set_level(logging.INFO, logger="mermed.demo")
     workdir = tmp_path / "demo"
-    first = run_demo(workdir, steps=4, per_class=12)
+    first = run_demo(workdir, steps=4, per_class=8)
 
     rows = first.table.splitlines()[2:]
     assert [row.split()[0] for row in rows] == list(MODALITY_ORDER)
@@ -28,12 +29,14 @@ def test_demo_prints_an_auroc_table_for_every_modality_and_a_second_run_reuses_e
         cells = AUROC_CELL.findall(row)
         assert len(cells) == 2, f"want a pretrained and a random-weights cell: {row}"
         for auroc, lo, hi in cells:
-            assert 0 <= float(lo) <= float(auroc) <= float(hi) <= 1
+            assert 0 <= float(auroc) <= 1
+            if "nan" not in (lo, hi):
+                assert 0 <= float(lo) <= float(auroc) <= float(hi) <= 1
     assert first.summary_csv.exists() and Path(first.encoder).exists()
     assert first.tracking_uri == f"sqlite:///{workdir}/mlflow.db"
 
     caplog.clear()
-    second = run_demo(workdir, steps=4, per_class=12)
+    second = run_demo(workdir, steps=4, per_class=8)
     assert second.table == first.table
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "3/4 pretrain: " in messages and "reusing" in messages
