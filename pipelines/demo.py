@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,9 +112,13 @@ def _table(summary: list[dict]) -> str:
     cell: dict[tuple[str, str], str] = {}
     for row in summary:
         if row["fraction"] == 1.0 and row["encoder"] in ("pretrained", "random"):
-            cell[(row["modality"], row["encoder"])] = (
-                f"{row['auroc']:.3f} [{row['auroc_lo']:.2f}, {row['auroc_hi']:.2f}]"
+            # The patient bootstrap has no interval where a class has too few test patients (nan in summary.csv).
+            interval = (
+                "[no CI: few patients]"
+                if math.isnan(row["auroc_lo"])
+                else f"[{row['auroc_lo']:.2f}, {row['auroc_hi']:.2f}]"
             )
+            cell[(row["modality"], row["encoder"])] = f"{row['auroc']:.3f} {interval}"
     lines = [
         f"{'modality':<9}{'pretrained AUROC [95% CI]':<30}{'random weights AUROC [95% CI]':<30}",
         "-" * 69,
