@@ -16,7 +16,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``); otherwise start a local Ray."""
+    """Join ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``); otherwise start a local Ray with its
+    dashboard: Ray Train's placement-group cleaner asks the State API the dashboard serves (without it, it
+    warns every few seconds and cannot clean up after a killed controller), and users watch jobs there."""
     import ray
 
     if ray.is_initialized():
@@ -25,4 +27,4 @@ def init_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
