@@ -31,8 +31,9 @@ BLUR_SIGMA = (0.1, 2.0)
 LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 CROP_ATTEMPTS = 10
 BLUR_CHUNK = 8
-_LUMA = (0.299, 0.587, 0.114)
+# RGB -> YIQ (NTSC); the Y row is ITU-R 601 luma, which the colour transform also uses for gray.
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def _colour_transform(
     exactly; a one-channel row enters as three equal channels."""
     n, channels = x.shape[:2]
     eye = torch.eye(3, device=x.device)
-    luma = torch.tensor(_LUMA, device=x.device)
+    luma = _RGB_TO_YIQ[0].to(x.device)
     to_luma = luma.expand(3, 3)  # every output channel <- the luma of the input
     f = saturation[:, None, None]
     matrix = torch.where(to_gray[:, None, None], to_luma, eye) @ _hue_rotation(hue) @ (f * eye + (1 - f) * to_luma)
@@ -207,8 +208,7 @@ def _hue_rotation(shift: torch.Tensor) -> torch.Tensor:
     rotation = torch.zeros(len(shift), 3, 3, device=shift.device)
     rotation[:, 0, 0] = 1
     rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
-    yiq = _RGB_TO_YIQ.to(shift.device)
-    return torch.linalg.inv(yiq) @ rotation @ yiq
+    return _YIQ_TO_RGB.to(shift.device) @ rotation @ _RGB_TO_YIQ.to(shift.device)
 
 
 def _gaussian_blur_(x: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -161,7 +161,6 @@ def run_demo(workdir: str | Path = "demo_work", *, steps: int | None = None, per
         ),
     )
     m = ingest.manifest
-    manifest_bytes = (shards / MANIFEST).read_bytes()
     log.info(
         "ingest: %d files -> %d rows %s; %d quarantined", m["discovered"], m["rows"], m["modalities"], m["quarantined"]
     )
@@ -194,7 +193,8 @@ def run_demo(workdir: str | Path = "demo_work", *, steps: int | None = None, per
     probe_out = workdir / "probe"
     done = probe_out / "demo_table.json"
     inputs = hashlib.sha256()
-    for part in (encoder.read_bytes(), tasks.read_bytes(), probe_cfg.model_dump_json().encode(), manifest_bytes):
+    manifest = (shards / MANIFEST).read_bytes()
+    for part in (encoder.read_bytes(), tasks.read_bytes(), probe_cfg.model_dump_json().encode(), manifest):
         inputs.update(hashlib.sha256(part).digest())
     previous = json.loads(done.read_text()) if done.exists() else {}
     if previous.get("inputs") == inputs.hexdigest():
