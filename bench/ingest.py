@@ -21,35 +21,35 @@ from __future__ import annotations
 import os
 import sys
 
-# This file's folder on sys.path would shadow the ``ingest`` package, here and in the Ray workers (Ray passes
-# the driver's script folder on to them only when it is on the driver's path).
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ.setdefault("TQDM_DISABLE", "1")
+if __name__ == "__main__":  # run by path: the packages first on sys.path (not this folder's ingest.py)
+    from pipelines.entrypoint import repository_first
 
-import argparse  # noqa: E402 - after the path and the environment Ray reads
-import functools  # noqa: E402
-import logging  # noqa: E402
-import operator  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+    repository_first(__file__)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
+import argparse
+import functools
+import logging
+import operator
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
-from ingest.deid import Pseudonymizer  # noqa: E402
-from ingest.pipeline import READ_SCHEMA, ReadContext, ShardWriter, discover, read_unit, run_ingest  # noqa: E402
-from ingest.samples import copy_pydicom_testdata, make_sample_corpus  # noqa: E402
-from ingest.schema import ROW_SCHEMA  # noqa: E402
-from mermed import storage  # noqa: E402
-from mermed.config import IngestConfig  # noqa: E402
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ingest import storage
+from ingest.deid import Pseudonymizer
+from ingest.pipeline import READ_SCHEMA, ReadContext, ShardWriter, discover, read_unit, run_ingest
+from ingest.samples import copy_pydicom_testdata, make_sample_corpus
+from ingest.schema import ROW_SCHEMA
+from mermed.config import IngestConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 KEY = b"bench-key-0123456789abcdef0123456789"

@@ -10,18 +10,16 @@ pays the encoder once per trial (ASHA stops trials only after their first epoch)
 with the encoder's cost; Tune's fixed per-sweep cost weighs on both.
 """
 
-# ruff: noqa: E402 - imports follow the sys.path fix below
-
 from __future__ import annotations
 
 import os
-import sys
 
-# This file's folder on sys.path would shadow the ``ingest`` package (bench/ingest.py), here and in Ray workers.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+if __name__ == "__main__":  # run by path: the packages first on sys.path (not this folder's ingest.py)
+    from pipelines.entrypoint import repository_first
+
+    repository_first(__file__)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import argparse
 import json
@@ -35,20 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ingest.config import parse_config
 from ingest.schema import ROW_SCHEMA, encode_image
-from mermed.config import ProbeConfig, ProbeTask, parse_config
 from mermed.models import build_backbone, export_encoder
-from mermed.probe import encode_labels, fit_probe
-from pipelines.probe import (
-    EncoderActor,
-    SweepData,
-    extract_features,
-    inspect_task,
-    load_encoders,
-    load_features,
-    run_sweep,
-    train_config,
-)
+from mermed.probe import EncoderActor, extract_features, inspect_task, load_encoders, load_features
+from mermed.probe.config import ProbeConfig, ProbeTask
+from mermed.probe.heads import encode_labels, fit_probe
+from mermed.probe.sweep import SweepData, run_sweep, train_config
 
 
 def write_data(root: Path, n: int, size: int, seed: int = 0) -> Path:

@@ -1,9 +1,10 @@
 """Pretraining speed, each number a ratio against a baseline measured in the same run on the same data.
 
-(a) Multi-crop: ``mermed.augment.MultiCrop`` on a uint8 batch against DINO's per-image PIL recipe
-    (``DataAugmentationDINO``: torchvision transforms plus DINO's PIL blur and solarisation), both on one CPU
-    thread, same images, same views (2 x 224 + 10 x 96 from 256 px; the tiny config's views with ``--quick``).
-    Target: >= 3x images/s per core.
+(a) Multi-crop: ``mermed.augment.MultiCrop`` on a uint8 batch against the same recipe run per image the way
+    its authors run it (MerMED-FM's ``DataAugmentationMerMED``, or DINO's ``DataAugmentationDINO`` with
+    ``--dino-recipe``: torchvision transforms on PIL images plus their PIL blur and solarisation), both on one
+    CPU thread, same images, same recipe and views (the ViT-B config's crops, 2 x 224 + 10 x 96 from 256 px;
+    the tiny config's with ``--quick``). Target: >= 3x images/s per core.
 (b) Step time: ``run_pretrain`` (Ray Train, 1 worker, CPU) against the same step in a bare loop in this process
     (``build_train_state`` + ``BalancedBatches`` over in-memory numpy + ``MultiCrop`` + ``train_step``), tiny
     config, same shards, same step window. Ray's per-step time is read from the worker's MLflow metrics (step
@@ -12,28 +13,28 @@
 (c) ``--gpu``: images/s and model FLOP utilisation of ViT-B/16 (2 x 224 + 10 x 96 views, bf16) on one GPU.
 
     python bench/train.py [--quick] [--reps 3]
+    python bench/train.py --crops [--dino-recipe] [--reps 3]
     python bench/train.py --gpu [--batch 64] [--steps 20]
 
 Wall time on a shared machine also counts other people's work, so (b) also reports CPU seconds per step: of
 this process for the bare loop, of the Ray Train worker process for Ray (sampled from /proc while it runs).
 """
 
-# ruff: noqa: E402 - imports follow the sys.path fix below
-
 from __future__ import annotations
 
 import os
 import sys
 
-# This file's folder on sys.path would shadow the ``ingest`` package (bench/ingest.py), here and in Ray workers.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ.setdefault("TQDM_DISABLE", "1")
-# Ray renices its workers to 15; on a shared machine that alone slows the Train worker against the bare loop
-# (niceness 0) by however busy the machine is. Both loops run at this process's niceness unless this is set.
-os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
+if __name__ == "__main__":  # run by path: the packages first on sys.path (not this folder's ingest.py)
+    from pipelines.entrypoint import repository_first
+
+    repository_first(__file__)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    # Ray renices its workers to 15; on a shared machine that alone slows the Train worker against the bare loop
+    # (niceness 0) by however busy the machine is. Both loops run at this process's niceness unless this is set.
+    os.environ.setdefault("RAY_worker_niceness", str(os.getpriority(os.PRIO_PROCESS, 0)))
 
 import argparse
 import math
@@ -54,14 +55,16 @@ from PIL import Image, ImageFilter, ImageOps
 from torch import nn
 from torchvision import transforms as T
 
+from ingest import storage
+from ingest.config import IngestConfig, load_config
 from ingest.pipeline import run_ingest
 from ingest.samples import make_sample_corpus
-from mermed import storage
+from ingest.schema import modality_normalization, read_manifest
 from mermed.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
-from mermed.config import CropsConfig, IngestConfig, PretrainConfig, load_config
+from mermed.config import DINO_AUGMENTATION, CropsConfig, PretrainConfig
 from mermed.data import BalancedBatches, decode_batch, shard_uris, split_counts
-from mermed.train import build_train_state, train_step
-from pipelines.pretrain import _crop_generator, run_pretrain
+from mermed.train import batch_step, build_train_state
+from pipelines.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "pretrain_tiny.yaml"
@@ -126,10 +129,11 @@ def decoded(shards: str, size: int, splits: tuple[str, ...] | None) -> dict[str,
 # ------------------------------------------------------------------------------------------------ (a) crops
 
 
-class DinoGaussianBlur:
-    """DINO's ``utils.GaussianBlur``: PIL blur with a radius drawn from [0.1, 2], applied with probability p."""
+class PilGaussianBlur:
+    """DINO's and MerMED-FM's ``utils.GaussianBlur`` in ``RandomApply``: PIL blur with a radius drawn from
+    [radius_min, radius_max], with probability p."""
 
-    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+    def __init__(self, p: float, radius_min: float, radius_max: float):
         self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
 
     def __call__(self, img: Image.Image) -> Image.Image:
@@ -138,7 +142,7 @@ class DinoGaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
 
 
-class DinoSolarization:
+class PilSolarization:
     """DINO's ``utils.Solarization``: PIL solarise (threshold 128) with probability p."""
 
     def __init__(self, p: float):
@@ -148,47 +152,53 @@ class DinoSolarization:
         return ImageOps.solarize(img) if random.random() < self.p else img
 
 
-def dino_augmentation(crops: CropsConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
-    """DINO's ``DataAugmentationDINO`` (main_dino.py) for ``crops``' view counts, sizes and scales."""
-    flip_and_color_jitter = T.Compose(
-        [
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ]
-    )
-    normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def pil_augmentation(crops: CropsConfig) -> Callable[[Image.Image], list[torch.Tensor]]:
+    """``crops``' recipe per image, as the authors' code runs it (DataAugmentationMerMED in MerMED-FM's
+    main_mermed.py, DataAugmentationDINO in DINO's main_dino.py): RandomRotation (nearest, zero fill) before
+    RandomResizedCrop (bicubic), flip, ColorJitter in RandomApply, RandomGrayscale, the PIL blur and
+    solarisation; each step only where the recipe has it, as in those classes."""
+    rotation = [T.RandomRotation(crops.rotation_degrees)] if crops.rotation_degrees else []
+    jitter = T.ColorJitter(crops.brightness, crops.contrast, crops.saturation, crops.hue)
+    flip_and_jitter = [T.RandomHorizontalFlip(p=0.5), T.RandomApply([jitter], p=crops.jitter_p)]
+    if crops.grayscale_p:
+        flip_and_jitter.append(T.RandomGrayscale(p=crops.grayscale_p))
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
-    def crop(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
-        return T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
+    def view(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> T.Compose:
+        crop = T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC)
+        blur = PilGaussianBlur(blur_p, *crops.blur_sigma)
+        solarize = [PilSolarization(solarize_p)] if solarize_p else []
+        return T.Compose([*rotation, crop, *flip_and_jitter, blur, *solarize, *normalize])
 
     glob = (crops.global_size, crops.global_scale)
-    first = T.Compose([crop(*glob), flip_and_color_jitter, DinoGaussianBlur(1.0), normalize])
-    second = T.Compose([crop(*glob), flip_and_color_jitter, DinoGaussianBlur(0.1), DinoSolarization(0.2), normalize])
-    local = T.Compose(
-        [crop(crops.local_size, crops.local_scale), flip_and_color_jitter, DinoGaussianBlur(0.5), normalize]
+    transforms = (
+        [view(*glob, crops.blur_p_global1)]
+        + [view(*glob, crops.blur_p_global2, crops.solarize_p)] * (crops.n_global - 1)
+        + [view(crops.local_size, crops.local_scale, crops.blur_p_local)] * crops.n_local
     )
-    transforms = [first] + [second] * (crops.n_global - 1) + [local] * crops.n_local
     return lambda img: [t(img) for t in transforms]
 
 
 def bench_crops(images: np.ndarray, crops: CropsConfig, reps: int) -> dict[str, dict[str, list[float]]]:
-    """images/s of the batched tensor pipeline and of DINO's per-image PIL pipeline, one CPU thread each,
+    """images/s of the batched tensor pipeline and of the same recipe per image on PIL, one CPU thread each,
     ``reps`` interleaved repetitions after one warm-up of each: per wall second, and per CPU second of the
     calling thread (where both do all their work), which other processes' load does not inflate as much."""
     torch.set_num_threads(1)
     tensor_fn = MultiCrop.from_config(crops)
-    pil_fn = dino_augmentation(crops)
+    pil_fn = pil_augmentation(crops)
     batch = torch.from_numpy(images).permute(0, 3, 1, 2)  # (B, C, H, W) view, as the training worker passes it
     pil_images = [Image.fromarray(a) for a in images]
     random.seed(0)
     gen = torch.Generator().manual_seed(0)
+    mean = torch.tensor([IMAGENET_MEAN]).expand(len(images), 3)
+    std = torch.tensor([IMAGENET_STD]).expand(len(images), 3)
     runs: dict[str, Callable[[], object]] = {
-        "MultiCrop": lambda: tensor_fn(batch, generator=gen),
-        "DINO PIL": lambda: [pil_fn(img) for img in pil_images],
+        # Per-row statistics, as the training loop passes each row's modality's.
+        "MultiCrop": lambda: tensor_fn(batch, generator=gen, mean=mean, std=std),
+        "PIL": lambda: [pil_fn(img) for img in pil_images],
     }
     got = [tuple(v.shape[1:]) for v in runs["MultiCrop"]()]
-    want = [tuple(v.shape) for v in runs["DINO PIL"]()[0]]
+    want = [tuple(v.shape) for v in runs["PIL"]()[0]]
     if got != want:
         raise RuntimeError(f"the two pipelines make different views: {got} vs {want}")
     rates: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in runs}
@@ -278,7 +288,9 @@ def warmup_steps(cfg: PretrainConfig, rows: dict[str, int]) -> int:
     return math.ceil((max(first_pass, fill) + 5) / every) * every
 
 
-def bare_loop(cfg: PretrainConfig, data: dict[str, dict[str, np.ndarray]]) -> tuple[list[float], list[float]]:
+def bare_loop(
+    cfg: PretrainConfig, data: dict[str, dict[str, np.ndarray]], normalization: dict
+) -> tuple[list[float], list[float]]:
     """The Ray worker's loop without Ray, over in-memory numpy; wall and CPU time after each step (index 0 =
     before step 1)."""
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))  # as the worker does
@@ -296,10 +308,9 @@ def bare_loop(cfg: PretrainConfig, data: dict[str, dict[str, np.ndarray]]) -> tu
     walls, cpus = [time.perf_counter()], [time.process_time()]
     while state.step < cfg.run.steps:
         batch, _ = batches.next(state.step)
-        images = torch.from_numpy(batch["pixels"]).to(device, non_blocking=True).permute(0, 3, 1, 2)
-        grayscale = torch.from_numpy(batch["grayscale"]).to(device)
-        views = crops(images, grayscale, generator=_crop_generator(device, cfg.run.seed, 0, state.step))
-        train_step(state, views)
+        host = {k: torch.from_numpy(batch[k]) for k in ("pixels", "grayscale", "valid")}
+        done = state.step + 1
+        batch_step(state, crops, host, batch["modality"], normalization, monitors=done % cfg.run.log_every == 0)
         walls.append(time.perf_counter())
         cpus.append(time.process_time())
     return walls, cpus
@@ -345,7 +356,7 @@ def bench_steps(shards: str, work: Path, quick: bool, reps: int) -> tuple[Pretra
     keys = ("bare wall", "bare step", "bare cpu", "ray wall", "ray step", "ray cpu")
     out: dict[str, list[float]] = {k: [] for k in keys}
     for rep in range(reps):
-        walls, cpus = bare_loop(cfg, data)
+        walls, cpus = bare_loop(cfg, data, modality_normalization([read_manifest(shards)]))
         out["bare wall"].append((walls[total] - walls[first]) / measured)
         logged = range(first + cfg.run.log_every, total + 1, cfg.run.log_every)  # the steps Ray logs
         out["bare step"].append(statistics.median(walls[s] - walls[s - 1] for s in logged))
@@ -417,15 +428,21 @@ def bench_gpu(batch: int | None, steps: int, warmup: int, peak: float | None) ->
     state = build_train_state(cfg, device=device, total_steps=cfg.run.steps)
     crops = MultiCrop.from_config(cfg.crops)
     size = cfg.crops.decode_size
-    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
+    batch = {
+        "pixels": torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, device=device),
+        "grayscale": torch.zeros(b, dtype=torch.bool, device=device),
+    }
+    modalities = ["CT"] * b  # ImageNet's statistics (none measured): the speed does not depend on them
     flops = step_flops(cfg, state.student)
 
+    def step(monitors: bool = False) -> None:
+        batch_step(state, crops, batch, modalities, {}, monitors=monitors)
+
     for _ in range(warmup):  # also fills part of the memory queue, as in a running job
-        train_step(state, crops(images, generator=gen))
+        step()
     counter = FlopCounterMode(display=False)
     with counter:
-        train_step(state, crops(images, generator=gen))
+        step()
     counted = counter.get_total_flops() / b
 
     def timed(fn: Callable[[], object]) -> float:
@@ -438,8 +455,10 @@ def bench_gpu(batch: int | None, steps: int, warmup: int, peak: float | None) ->
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3 / steps
 
-    crop_s = timed(lambda: crops(images, generator=gen))
-    step_s = timed(lambda: train_step(state, crops(images, generator=gen)))
+    images = batch["pixels"].permute(0, 3, 1, 2)
+    gen = torch.Generator(device=device).manual_seed(0)
+    crop_s = timed(lambda: crops(images, batch["grayscale"], generator=gen))
+    step_s = timed(step)
     rate = b / step_s
     views = f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}"
     print(f"(c) {name}: ViT-B/16 {views} views, bf16, batch {b}, {steps} steps after {warmup + 1} warm-up")
@@ -463,6 +482,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny views in (a), fewer timed steps in (b)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per measurement (the median is reported)")
     parser.add_argument("--crops", action="store_true", help="only (a): the multi-crop comparison")
+    parser.add_argument("--dino-recipe", action="store_true", help="(a) with DINO's augmentation over the views")
     parser.add_argument("--gpu", action="store_true", help="only (c): ViT-B/16 images/s and MFU on one CUDA GPU")
     parser.add_argument("--batch", type=int, help="(c) images per step (default: configs/pretrain_vitb.yaml)")
     parser.add_argument("--steps", type=int, default=20, help="(c) timed steps")
@@ -476,6 +496,8 @@ def main() -> None:
 
     print(f"machine: {machine()}", flush=True)
     crops = load_config(PretrainConfig, TINY if args.quick else VITB).crops
+    if args.dino_recipe:
+        crops = CropsConfig(**(crops.model_dump() | DINO_AUGMENTATION))
     work = Path(tempfile.mkdtemp(prefix="mermed-bench-train-"))
     try:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -487,14 +509,16 @@ def main() -> None:
         rates = bench_crops(images, crops, args.reps)
         crop_med = {(n, k): statistics.median(v) for n, r in rates.items() for k, v in r.items()}
         crop_summary = "; ".join(
-            f"per {k} second: MultiCrop {crop_med['MultiCrop', k]:.1f}, DINO PIL {crop_med['DINO PIL', k]:.1f} img/s, "
-            f"{crop_med['MultiCrop', k] / crop_med['DINO PIL', k]:.2f}x"
+            f"per {k} second: MultiCrop {crop_med['MultiCrop', k]:.1f}, PIL {crop_med['PIL', k]:.1f} img/s, "
+            f"{crop_med['MultiCrop', k] / crop_med['PIL', k]:.2f}x"
             for k in ("wall", "cpu")
         )
         print(
             f"(a) {len(images)} images of {crops.decode_size} px -> {crops.n_global}x{crops.global_size} + "
             f"{crops.n_local}x{crops.local_size} views, 1 thread each (target >= {CROPS_TARGET}x); load {loadavg()}",
         )
+        views = {"n_global", "n_local", "global_size", "local_size", "decode_size"}
+        print("  recipe: " + ", ".join(f"{k} {v}" for k, v in crops.model_dump(exclude=views).items()))
         for name, r in rates.items():
             print(
                 f"  {name} img/s per rep: " + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in r.items())

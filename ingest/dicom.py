@@ -22,9 +22,9 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_
 from pydicom.pixels.utils import get_nr_frames
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from ingest.config import IngestConfig
 from ingest.image import require_finite, scale_to_uint8
 from ingest.schema import DecodeError, Image, InputError, ReadResult
-from mermed.config import IngestConfig
 
 # Value validation warnings quote the offending header value (a date, a name) into the logs: off in this process.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageSequence, UnidentifiedImageError
 
+from ingest.config import IngestConfig
 from ingest.schema import DecodeError, Image, InputError, per_file
-from mermed.config import IngestConfig
 
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 FUNDUS_THRESHOLD = 20  # grey level above which a pixel is inside the fundus camera's field of view

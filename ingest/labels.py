@@ -11,9 +11,8 @@ import hashlib
 import io
 from dataclasses import dataclass
 
-from mermed.config import MODALITIES
+from ingest.schema import MODALITIES, SPLITS
 
-SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("split", "patient_id", "modality")
 

@@ -12,10 +12,9 @@ from typing import IO
 
 import numpy as np
 
-from ingest.schema import Image, InputError, per_file
-from mermed.config import IngestConfig
+from ingest.config import IngestConfig
+from ingest.schema import SPLITS, Image, InputError, per_file
 
-SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 64 * 1024**2
 
 

@@ -25,20 +25,28 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ingest import dicom, image, npz, wsi
+from ingest import dicom, image, npz, storage, wsi
+from ingest.config import IngestConfig
 from ingest.deid import Pseudonymizer, load_key, scrub_message
 from ingest.labels import LabelRow, parse_labels, patient_split
-from ingest.schema import INGEST_VERSION, QUARANTINE_SCHEMA, ROW_SCHEMA, Image, encode_image, pixel_sha256
-from mermed import storage
-from mermed.config import IngestConfig
+from ingest.schema import (
+    INGEST_VERSION,
+    MANIFEST,
+    QUARANTINE,
+    QUARANTINE_SCHEMA,
+    ROW_SCHEMA,
+    Image,
+    PixelMoments,
+    encode_image,
+    pixel_sha256,
+)
 
 log = logging.getLogger("mermed.ingest")
 
-MANIFEST = "_manifest.json"
-QUARANTINE = "_quarantine.parquet"
 
 # Folder names (any component of a file's path below its input root) that name a modality.
 FOLDER_MODALITY = {
@@ -212,6 +220,7 @@ READ_SCHEMA = pa.schema(
     + [
         pa.field("_input", pa.int64()),
         pa.field("_status", pa.string()),
+        pa.field("_moments", pa.list_(pa.float64(), 7)),  # PixelMoments: total (3), squares (3), pixels
         pa.field("_stage", pa.string()),
         pa.field("_error_class", pa.string()),
         pa.field("_message", pa.string()),
@@ -250,9 +259,11 @@ def _row(f: InputFile, img: Image, ctx: ReadContext) -> dict:
     split = (label.split if label else None) or img.split
     split = split or patient_split(patient or source, cfg.val_fraction, cfg.test_fraction)
     pixels = img.pixels
+    moments = PixelMoments.of(pixels)
     return {
         "_input": f.index,
         "_status": "ok",
+        "_moments": [*moments.total, *moments.squares, float(moments.pixels)],
         "image": encode_image(pixels, img.encoding or cfg.image_format, cfg.jpeg_quality),
         "height": pixels.shape[0],
         "width": pixels.shape[1],
@@ -448,6 +459,16 @@ def _inputs_hash(inputs: list[str], files: list[InputFile], labels_text: str) ->
     return h.hexdigest()
 
 
+def _add_moments(moments: dict[str, PixelMoments], rows: pa.Table) -> None:
+    """Add the rows' pixel moments to their modality's: exact, in the same pass that writes them."""
+    values = np.asarray(rows.column("_moments").combine_chunks().flatten(), dtype=np.float64).reshape(-1, 7)
+    for modality in set(rows.column("modality").to_pylist()):
+        mask = np.asarray(pa.compute.equal(rows.column("modality"), modality))
+        s = values[mask].sum(axis=0)
+        part = PixelMoments(tuple(s[:3]), tuple(s[3:6]), int(s[6]))
+        moments[modality] = moments[modality] + part if modality in moments else part
+
+
 def _read_manifest(fs, out: str) -> dict | None:
     path = posixpath.join(out, MANIFEST)
     if not fs.exists(path):
@@ -516,6 +537,7 @@ def run_ingest(
     failed_rows: list[dict] = []
     modalities: Counter[str] = Counter()
     splits: Counter[tuple[str, str]] = Counter()  # (modality, split) -> rows
+    moments: dict[str, PixelMoments] = {}
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
             failed = pa.compute.equal(batch.column("_status"), "failed")
@@ -529,7 +551,9 @@ def run_ingest(
                 seen.add(digest)
                 keep.append(i)
             if keep:
-                table = ok.take(keep).select([c.name for c in ROW_SCHEMA])
+                kept = ok.take(keep)
+                _add_moments(moments, kept)
+                table = kept.select([c.name for c in ROW_SCHEMA])
                 modalities.update(table.column("modality").to_pylist())
                 splits.update(zip(table.column("modality").to_pylist(), table.column("split").to_pylist(), strict=True))
                 writer.write(table)
@@ -543,6 +567,7 @@ def run_ingest(
             "rows": sum(modalities.values()),
             "modalities": dict(sorted(modalities.items())),
             "splits": {m: {sp: n for (mm, sp), n in sorted(splits.items()) if mm == m} for m in sorted(modalities)},
+            "pixel_moments": {m: asdict(v) for m, v in sorted(moments.items())},
             "bytes": writer.bytes,
             "shards": writer.written,
             "labels_unmatched": unmatched,

@@ -1,4 +1,6 @@
-"""The shard row: its Arrow schema, what readers yield, and how pixels become a stored image.
+"""The shard contract, the one place both sides of it import: the Arrow row schema, the modality and split
+vocabularies, the names of the manifest and quarantine files, reading a manifest, and how pixels become a stored
+image and back. Ingest writes shards by it; pretraining and probes (``mermed``) read them by it.
 
 Readers never see the schema: they yield ``Image`` (decoded pixels plus what the file says about them) or raise.
 The pipeline turns an ``Image`` into a row, pseudonymising identifiers on the way.
@@ -8,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import io
+import json
+import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,9 +22,19 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image as PILImage
 
-from mermed import __version__
+from ingest import storage
 
-INGEST_VERSION = f"mermed-ingest/{__version__}"
+INGEST_VERSION = f"mermed-ingest/{importlib.metadata.version('mermed')}"
+
+# The seven modalities of the method; rows of other modalities (e.g. MR) are kept and named in the manifest.
+MODALITIES = ("CT", "CXR", "US", "PATH", "CFP", "OCT", "DERM")
+KNOWN_MODALITIES = (*MODALITIES, "MR")
+# Stored as (pseudo-)grayscale: colour jitter on saturation/hue is meaningless for them.
+GRAYSCALE_MODALITIES = frozenset({"CT", "CXR", "US", "OCT", "MR"})
+SPLITS = ("train", "val", "test")  # patient-level
+
+MANIFEST = "_manifest.json"  # written last: its presence commits an ingest output
+QUARANTINE = "_quarantine.parquet"
 
 ROW_SCHEMA = pa.schema(
     [
@@ -112,6 +127,55 @@ def encode_image(pixels: np.ndarray, fmt: Literal["png", "jpeg"] = "png", qualit
     else:
         img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class PixelMoments:
+    """Exact per-channel sums of a modality's pixels (in [0, 1], grayscale counted as three equal channels):
+    what the manifest keeps so that means and standard deviations can be merged across ingest outputs."""
+
+    total: tuple[float, float, float]
+    squares: tuple[float, float, float]
+    pixels: int
+
+    @classmethod
+    def of(cls, pixels: np.ndarray) -> PixelMoments:
+        x = pixels.astype(np.float64).reshape(-1, 1 if pixels.ndim == 2 else pixels.shape[-1]) / 255.0
+        x = np.broadcast_to(x, (x.shape[0], 3))
+        return cls(tuple(x.sum(axis=0)), tuple(np.square(x).sum(axis=0)), x.shape[0])
+
+    def __add__(self, other: PixelMoments) -> PixelMoments:
+        return PixelMoments(
+            tuple(a + b for a, b in zip(self.total, other.total, strict=True)),
+            tuple(a + b for a, b in zip(self.squares, other.squares, strict=True)),
+            self.pixels + other.pixels,
+        )
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        mean = np.asarray(self.total) / max(self.pixels, 1)
+        var = np.asarray(self.squares) / max(self.pixels, 1) - mean**2
+        return mean.tolist(), np.sqrt(np.maximum(var, 1e-12)).tolist()
+
+
+def modality_normalization(manifests: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """``{modality: {"mean": [r, g, b], "std": [r, g, b]}}`` over the ingest outputs' pixels (the manifests'
+    ``pixel_moments``); a modality none of them measured is absent."""
+    merged: dict[str, PixelMoments] = {}
+    for manifest in manifests:
+        for modality, m in manifest.get("pixel_moments", {}).items():
+            moments = PixelMoments(tuple(m["total"]), tuple(m["squares"]), int(m["pixels"]))
+            merged[modality] = merged[modality] + moments if modality in merged else moments
+    return {m: dict(zip(("mean", "std"), v.mean_std(), strict=True)) for m, v in sorted(merged.items())}
+
+
+def read_manifest(data: str) -> dict:
+    """The manifest of an ingest output (local or s3://): what was ingested, the shards, the per-modality counts."""
+    fs, root = storage.filesystem(data)
+    path = posixpath.join(root, MANIFEST)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{data} has no {MANIFEST}: is it an ingest output (mermed ingest)?")
+    with fs.open(path, "rb") as fh:
+        return json.loads(fh.read())
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -16,9 +16,9 @@ import numpy as np
 import openslide
 from PIL import Image as PILImage
 
+from ingest.config import IngestConfig, WsiConfig
 from ingest.image import flatten_alpha
 from ingest.schema import DecodeError, Image, InputError, per_file
-from mermed.config import IngestConfig, WsiConfig
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, both byte orders
 GLASS_SATURATION = 25  # HSV saturation (0-255) above which a pixel is stained; glass and white stay below ~15

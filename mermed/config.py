@@ -1,85 +1,13 @@
-"""Typed configs for every stage.
-
-Every config is a pydantic model with ``extra="forbid"``: a misspelt or mistyped field fails when the config is
-loaded, with the field's dotted path in the message, before any data is read or any compute is spent.
-"""
+"""The pretraining config (``configs/pretrain_*.yaml``), strict like every stage's (see ``ingest.config``)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-MODALITIES = ("CT", "CXR", "US", "PATH", "CFP", "OCT", "DERM")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the offending field."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# --------------------------------------------------------------------------------------------- ingest
-
-
-class Window(StrictModel):
-    """A display window in Hounsfield units (CT) or stored values."""
-
-    center: float
-    width: float = Field(gt=0)
-
-
-class DicomConfig(StrictModel):
-    # The three CT windows become the three channels of the stored image (lung, mediastinum, bone).
-    ct_windows: tuple[Window, Window, Window] = (
-        Window(center=-600, width=1500),
-        Window(center=40, width=400),
-        Window(center=400, width=1800),
-    )
-    frame_stride: int = Field(default=1, ge=1)  # keep every n-th frame of multi-frame objects
-    max_frames: int = Field(default=10_000, ge=1)
-
-
-class WsiConfig(StrictModel):
-    target_mpp: float = Field(default=0.5, gt=0)  # micrometres per pixel of the stored tiles
-    tile_size: int = Field(default=224, ge=16)
-    min_tissue: float = Field(default=0.5, ge=0, le=1)  # tiles under this tissue fraction are dropped
-    max_tiles_per_slide: int = Field(default=1000, ge=1)
-    thumbnail_size: int = Field(default=1024, ge=64)
-    seed: int = 0
-    assumed_mpp: float = Field(default=0.5, gt=0)  # for slides that do not record their resolution
-
-
-class ImageConfig(StrictModel):
-    max_pixels: int = Field(default=200_000_000, ge=1)  # decompression-bomb guard (declared width*height)
-    fundus_crop: bool = True  # crop colour fundus photos to the circular field of view
-
-
-class IngestConfig(StrictModel):
-    dataset: str = "default"
-    modality: Literal["auto", "CT", "CXR", "US", "PATH", "CFP", "OCT", "DERM", "MR"] = "auto"
-    shard_bytes: int = Field(default=256 * 1024**2, ge=1024)
-    row_group_rows: int = Field(default=256, ge=1)
-    image_format: Literal["png", "jpeg"] = "png"  # photos and tiles may be stored as JPEG
-    jpeg_quality: int = Field(default=95, ge=50, le=100)
-    val_fraction: float = Field(default=0.1, ge=0, lt=1)
-    test_fraction: float = Field(default=0.1, ge=0, lt=1)
-    deduplicate: bool = True
-    dicom: DicomConfig = DicomConfig()
-    wsi: WsiConfig = WsiConfig()
-    image: ImageConfig = ImageConfig()
-
-    @model_validator(mode="after")
-    def _fractions(self) -> IngestConfig:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("val_fraction + test_fraction must be below 1")
-        return self
-
+from ingest.config import StrictModel
 
 # --------------------------------------------------------------------------------------------- pretrain
 # MerMED-FM pretraining (DINO with a memory queue). Defaults are the paper's ViT-B numbers; configs/ overrides them.
@@ -96,20 +24,41 @@ def _check_scale(scale: Scale) -> Scale:
 
 class PretrainModelConfig(StrictModel):
     name: str = "vit_base_patch16_224"  # any timm ViT that accepts dynamic_img_size
-    out_dim: int = Field(default=65536, ge=2)  # K prototypes of the DINO head
+    out_dim: int = Field(default=65536, ge=2)  # K prototypes of the DINO head (objective: dino only)
     bottleneck: int = Field(default=256, ge=1)  # L2-normalised embedding width; also the memory's width
     hidden: int = Field(default=2048, ge=1)
+    head_batch_norm: bool = True  # BatchNorm after each hidden layer of the head (SyncBatchNorm on multi-GPU)
     drop_path: float = Field(default=0.1, ge=0, lt=1)  # student only; the teacher runs without
+    # Continual pretraining: backbone weights (safetensors, or .pth/.pt read with weights_only) loaded into
+    # student and teacher before step 0; a resumed run ignores it. ``--init`` sets it.
+    init: str | None = None
 
 
 class CropsConfig(StrictModel):
+    """The multi-crop views and their augmentation (``mermed.augment.MultiCrop``). The defaults are the published
+    MerMED-FM recipe (the authors' DataAugmentationMerMED); ``DINO_AUGMENTATION`` below is DINO's."""
+
     n_global: int = Field(default=2, ge=1)
     n_local: int = Field(default=10, ge=0)
     global_size: int = Field(default=224, ge=8)
     local_size: int = Field(default=96, ge=8)
-    global_scale: Scale = (0.4, 1.0)
-    local_scale: Scale = (0.05, 0.4)
+    global_scale: Scale = (0.2, 1.0)  # crop area as a fraction of the image (of its valid region when padded)
+    local_scale: Scale = (0.05, 0.2)
     decode_size: int = Field(default=256, ge=8)  # shards are decoded and resized to this uint8 square first
+    rotation_degrees: float = Field(default=30.0, ge=0, le=180)  # uniform in +-degrees, before the crop
+    # Colour jitter strengths as torchvision's ColorJitter, applied together with probability jitter_p; saturation
+    # and hue are skipped on grayscale modalities.
+    brightness: float = Field(default=0.2, ge=0, le=1)
+    contrast: float = Field(default=0.2, ge=0, le=1)
+    saturation: float = Field(default=0.1, ge=0, le=1)
+    hue: float = Field(default=0.02, ge=0, le=0.5)
+    jitter_p: float = Field(default=0.8, ge=0, le=1)
+    grayscale_p: float = Field(default=0.0, ge=0, le=1)  # random grayscale, after the jitter
+    blur_sigma: tuple[float, float] = (0.1, 1.0)  # Gaussian blur sigma range, pixels of the view
+    blur_p_global1: float = Field(default=1.0, ge=0, le=1)  # the first global view
+    blur_p_global2: float = Field(default=0.1, ge=0, le=1)  # every later global view
+    blur_p_local: float = Field(default=0.5, ge=0, le=1)
+    solarize_p: float = Field(default=0.0, ge=0, le=1)  # the later global views, after the blur
 
     @model_validator(mode="after")
     def _sizes(self) -> CropsConfig:
@@ -118,6 +67,8 @@ class CropsConfig(StrictModel):
                 _check_scale(getattr(self, name))
             except ValueError as err:
                 raise ValueError(f"{name} {err}") from None
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
         if self.n_global + self.n_local < 2:
             raise ValueError("n_global + n_local must be at least 2 (the loss compares different views)")
         if self.decode_size < self.global_size:
@@ -125,11 +76,37 @@ class CropsConfig(StrictModel):
         return self
 
 
+# DINO's recipe (main_dino.py DataAugmentationDINO), which MerMED-FM's replaced: no rotation, stronger jitter,
+# random grayscale, sigma up to 2, solarisation of the second global view. ``CropsConfig(**DINO_AUGMENTATION)``,
+# or these keys under ``crops:`` in a YAML config (e.g. for ``loss.objective: dino`` runs).
+DINO_AUGMENTATION: dict[str, float | tuple[float, float]] = {
+    "global_scale": (0.4, 1.0),
+    "local_scale": (0.05, 0.4),
+    "rotation_degrees": 0.0,
+    "brightness": 0.4,
+    "contrast": 0.4,
+    "saturation": 0.2,
+    "hue": 0.1,
+    "jitter_p": 0.8,
+    "grayscale_p": 0.2,
+    "blur_sigma": (0.1, 2.0),
+    "blur_p_global1": 1.0,
+    "blur_p_global2": 0.1,
+    "blur_p_local": 0.5,
+    "solarize_p": 0.2,
+}
+
+
 class PretrainLossConfig(StrictModel):
+    # mermed: the published objective (the memory is the prototypes); dino: DINO's prototypes + centering, with
+    # a memory-alignment term, kept as the ablation.
+    objective: Literal["mermed", "dino"] = "mermed"
+    koleo_weight: float = Field(default=0.0, ge=0)  # KoLeo on the student's global-view embeddings
     student_temp: float = Field(default=0.1, gt=0)
     teacher_temp: float = Field(default=0.04, gt=0)  # start of the warm-up
     final_teacher_temp: float = Field(default=0.07, gt=0)  # after warmup_teacher_temp_steps, flat
     warmup_teacher_temp_steps: int = Field(default=0, ge=0)
+    # objective: dino only
     center_momentum: float = Field(default=0.9, ge=0, lt=1)
     memory_weight: float = Field(default=1.0, ge=0)  # 0 turns the memory alignment term off
     memory_student_temp: float = Field(default=0.1, gt=0)
@@ -137,8 +114,8 @@ class PretrainLossConfig(StrictModel):
 
 
 class MemoryConfig(StrictModel):
-    size: int = Field(default=65536, ge=0)  # 0 is the no-memory ablation
-    n_blocks: int = Field(default=4, ge=1)
+    size: int = Field(default=65536, ge=0)  # 0 is the no-memory ablation (objective: dino only)
+    n_blocks: int = Field(default=4, ge=1)  # mermed: a fresh random partition into blocks every step
 
     @model_validator(mode="after")
     def _blocks(self) -> MemoryConfig:
@@ -154,9 +131,10 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.04, ge=0)
     weight_decay_end: float = Field(default=0.4, ge=0)
-    clip_grad: float = Field(default=3.0, ge=0)  # per-parameter norm clip as DINO; 0 disables
-    freeze_last_layer_steps: int = Field(default=0, ge=0)
-    momentum_teacher: float = Field(default=0.996, ge=0, le=1)
+    clip_grad: float = Field(default=1.0, ge=0)  # per-parameter norm clip as DINO; 0 disables
+    layer_decay: float = Field(default=1.0, gt=0, le=1)  # layer-wise lr decay; 1.0 = off
+    freeze_last_layer_steps: int = Field(default=0, ge=0)  # objective: dino only (the prototypes)
+    momentum_teacher: float = Field(default=0.9995, ge=0, le=1)
 
 
 class RunConfig(StrictModel):
@@ -171,6 +149,17 @@ class RunConfig(StrictModel):
     deterministic_data: bool = False
 
 
+class DataConfig(StrictModel):
+    """How each worker reads its modalities' streams (``mermed.data``, ``pipelines/pretrain.py``)."""
+
+    # Per modality and worker: a pass of up to this many MB of decoded rows is kept in memory and re-served permuted
+    # (a new streaming pass costs seconds); 0 = never cache, every pass is streamed.
+    stream_cache_mb: int = Field(default=256, ge=0)
+    # Ray Data's local shuffle buffer in rows, per modality and worker, on top of the seeded shard order (a buffer of
+    # decoded rows: 512 x 256 px is ~100 MB); 0 = rows in shard order.
+    shuffle_buffer_rows: int = Field(default=512, ge=0)
+
+
 class TrackingConfig(StrictModel):
     mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI or a local sqlite store
     experiment: str = "mermed-pretrain"
@@ -183,6 +172,7 @@ class PretrainConfig(StrictModel):
     memory: MemoryConfig = MemoryConfig()
     optim: OptimConfig = OptimConfig()
     run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -195,180 +185,20 @@ class PretrainConfig(StrictModel):
                     raise ValueError(f"crops.{name} must be a multiple of the patch size {p} of {self.model.name}")
         if self.optim.min_lr > self.optim.base_lr:
             raise ValueError("optim.min_lr must not exceed optim.base_lr")
+        if self.loss.objective == "mermed" and self.memory.size < self.memory.n_blocks:
+            raise ValueError("memory.size must be positive under loss.objective mermed (the memory is the prototypes)")
         return self
 
 
-# --------------------------------------------------------------------------------------------- loading
-
-ConfigT = TypeVar("ConfigT", bound=BaseModel)
-
-
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{field}: {e['msg']}")
-    return "; ".join(lines)
-
-
-def parse_config(cls: type[ConfigT], data: dict[str, Any], source: str = "config") -> ConfigT:
-    """Validate ``data`` as ``cls``; raise ConfigError naming every bad field."""
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(f"invalid {source}: {_describe(err)}") from None
-
-
-def load_config(cls: type[ConfigT], path: str | Path, overrides: dict[str, Any] | None = None) -> ConfigT:
-    """Load a YAML file as ``cls``, applying dotted-key overrides (``{"optim.lr": 1e-4}``)."""
-    text = Path(path).read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid {path}: not YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid {path}: the top level must be a mapping")
-    for key, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return parse_config(cls, data, source=str(path))
-
-
 __all__ = [
-    "MODALITIES",
-    "ConfigError",
+    "DINO_AUGMENTATION",
     "CropsConfig",
-    "DicomConfig",
-    "ImageConfig",
-    "IngestConfig",
+    "DataConfig",
     "MemoryConfig",
     "OptimConfig",
     "PretrainConfig",
     "PretrainLossConfig",
     "PretrainModelConfig",
     "RunConfig",
-    "StrictModel",
     "TrackingConfig",
-    "WsiConfig",
-    "Window",
-    "load_config",
-    "parse_config",
-]
-
-
-# --------------------------------------------------------------------------------------------- probe
-
-
-class ProbeTrainConfig(StrictModel):
-    """One probe fit on frozen features; lr, weight_decay, hidden and dropout are what Ray Tune searches."""
-
-    head: Literal["mlp", "linear"] = "mlp"
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    hidden: int = Field(default=512, ge=1)  # MLP head only
-    dropout: float = Field(default=0.1, ge=0, lt=1)  # MLP head only
-    epochs: int = Field(default=50, ge=1)
-    batch_size: int = Field(default=256, ge=1)  # at least the training set's size: full-batch
-    seed: int = 0
-
-
-class ProbeTask(StrictModel):
-    """One downstream dataset: labelled shards and how to read their labels."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes an MLflow run name and a path
-    data: str = Field(min_length=1)  # labelled shard directory, local or s3://
-    type: Literal["binary", "multiclass", "multilabel"]
-    label: str = "label"  # shard column holding the label strings
-    modality: Literal["CT", "CXR", "US", "PATH", "CFP", "OCT", "DERM", "MR"] | None = None  # None: all rows
-
-
-class ProbeTasksFile(StrictModel):
-    tasks: list[ProbeTask] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> ProbeTasksFile:
-        names = [t.name for t in self.tasks]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"task names must be unique; repeated: {', '.join(repeated)}")
-        return self
-
-
-Range = tuple[float, float]
-
-
-def _check_range(name: str, bounds: Range, log: bool) -> None:
-    lo, hi = bounds
-    if lo > hi or (log and lo <= 0) or lo < 0:
-        raise ValueError(f"search.{name} must be [low, high] with {'0 < ' if log else '0 <= '}low <= high")
-
-
-class ProbeSearchConfig(StrictModel):
-    """Ray Tune's search space: every trial is a ProbeTrainConfig drawn from it (random search + ASHA)."""
-
-    heads: list[Literal["mlp", "linear"]] = Field(default=["mlp", "linear"], min_length=1)
-    lr: Range = (1e-4, 1e-2)  # log-uniform
-    weight_decay: Range = (1e-6, 1e-2)  # log-uniform
-    hidden: list[int] = Field(default=[256, 512, 1024], min_length=1)  # MLP head only
-    dropout: Range = (0.0, 0.5)  # uniform; MLP head only
-    epochs: list[int] = Field(default=[25, 50, 100], min_length=1)  # ASHA's max_t is the largest
-    batch_size: int = Field(default=256, ge=1)
-    grace_period: int = Field(default=5, ge=1)  # ASHA: epochs every trial runs before it may be stopped
-    reduction_factor: int = Field(default=3, ge=2)
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ProbeSearchConfig:
-        _check_range("lr", self.lr, log=True)
-        _check_range("weight_decay", self.weight_decay, log=True)
-        _check_range("dropout", self.dropout, log=False)
-        if self.dropout[1] >= 1:
-            raise ValueError("search.dropout must stay below 1")
-        if min(self.hidden) < 1 or min(self.epochs) < 1:
-            raise ValueError("search.hidden and search.epochs must be positive")
-        if self.grace_period > max(self.epochs):
-            raise ValueError("search.grace_period must not exceed the largest search.epochs")
-        return self
-
-
-class ExtractConfig(StrictModel):
-    """Feature extraction: a Ray Data actor pool, each actor holding the encoder once."""
-
-    batch_size: int = Field(default=64, ge=1)
-    actors: int | None = Field(default=None, ge=1)  # None: one per GPU, else one per 2 CPUs of the cluster
-    cpus_per_actor: float = Field(default=1.0, gt=0)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-
-
-class ProbeConfig(StrictModel):
-    """A probe job: a Tune sweep per (task, encoder, label fraction, label subset), a refit, a test."""
-
-    trials: int = Field(default=20, ge=1)  # per sweep
-    fractions: list[float] = Field(default=[0.01, 0.1, 1.0], min_length=1)  # of the training labels
-    seeds: int = Field(default=3, ge=1)  # stratified label subsets per fraction below 1 (1.0 has only one)
-    search: ProbeSearchConfig = ProbeSearchConfig()
-    extract: ExtractConfig = ExtractConfig()
-    bootstrap: int = Field(default=1000, ge=10)  # patient resamples for the 95% CI
-    baseline_seed: int = 0  # initialisation of the random-weights baseline
-    seed: int = 0  # search algorithm
-    tracking: TrackingConfig = TrackingConfig(experiment="mermed-probe")
-
-    @model_validator(mode="after")
-    def _fractions(self) -> ProbeConfig:
-        if not all(0 < f <= 1 for f in self.fractions):
-            raise ValueError("fractions must be in (0, 1]")
-        if len(set(self.fractions)) != len(self.fractions):
-            raise ValueError("fractions must not repeat")
-        return self
-
-
-__all__ += [
-    "ExtractConfig",
-    "ProbeConfig",
-    "ProbeSearchConfig",
-    "ProbeTask",
-    "ProbeTasksFile",
-    "ProbeTrainConfig",
 ]

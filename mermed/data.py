@@ -1,33 +1,27 @@
 """Shards to training batches: Ray Data reads and decodes on CPU; workers draw modality-balanced batches.
 
 The Ray side (``open_shards``, ``decoded_dataset``) lives here and in ``pipelines/``; ``BalancedBatches`` works on any
-iterator of numpy batches, so the same batching runs in a Ray Train worker and in a bare PyTorch loop.
+iterator of numpy batches, so the same batching runs in a Ray Train worker and in a bare PyTorch loop, and
+``Prefetcher`` assembles the next batch while a step runs.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import posixpath
+import queue
+import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Generic, TypeVar, cast
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from mermed import storage
+from ingest import storage
+from ingest.schema import GRAYSCALE_MODALITIES, read_manifest
 
-# Modalities stored as (pseudo-)grayscale: colour jitter on saturation/hue is meaningless for them.
-GRAYSCALE_MODALITIES = frozenset({"CT", "CXR", "US", "OCT", "MR"})
-
-
-def read_manifest(data: str) -> dict:
-    fs, root = storage.filesystem(data)
-    path = posixpath.join(root, "_manifest.json")
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{data} has no _manifest.json: is it an ingest output (mermed ingest)?")
-    with fs.open(path, "rb") as fh:
-        return json.loads(fh.read())
+T = TypeVar("T")
 
 
 def shard_uris(data: Sequence[str], modality: str | None = None) -> list[str]:
@@ -52,15 +46,31 @@ def split_counts(data: Sequence[str]) -> dict[str, dict[str, int]]:
     return counts
 
 
+def pass_seed(*keys: int | str) -> int:
+    """A 32-bit seed from what names a stream and its pass (run seed, rank, modality, pass), the same in every
+    process: strings enter by their CRC, and negative ints wrap (``SeedSequence`` takes only non-negative ones)."""
+    words = [zlib.crc32(k.encode()) if isinstance(k, str) else k % 2**64 for k in keys]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
 def open_shards(
     data: Sequence[str],
     *,
     splits: Sequence[str] | None = None,
     modality: str | None = None,
     columns: Sequence[str] | None = None,
+    shuffle_seed: int | None = None,
+    reshuffle: bool = True,
 ):
-    """A Ray Dataset over the shards of ``data`` (local or s3://), keeping rows whose split is in ``splits``."""
+    """A Ray Dataset over the shards of ``data`` (local or s3://), keeping rows whose split is in ``splits``.
+
+    With ``shuffle_seed`` the shards are read in a seeded random order, a new one at every pass unless
+    ``reshuffle`` is False. It is the streaming form of block-order randomisation (``randomize_block_order`` waits
+    for every block of the pass); Ray numbers the passes from 0 in each process, so a resumed run continues the
+    uninterrupted run's shard order only when it is fixed.
+    """
     import ray
+    from ray.data import FileShuffleConfig
     from ray.data.expressions import col
 
     uris = shard_uris(data, modality)
@@ -72,35 +82,66 @@ def open_shards(
         paths,
         filesystem=storage.arrow_filesystem(fs),
         columns=list(columns) if columns else None,
+        shuffle=None if shuffle_seed is None else FileShuffleConfig(shuffle_seed, reseed_after_execution=reshuffle),
     )
     return ds.filter(expr=col("split").is_in(list(splits))) if splits else ds
 
 
 def decode_square(data: bytes, size: int) -> np.ndarray:
-    """Decode a stored image to uint8 RGB ``size`` x ``size`` (resize the short side, centre crop)."""
+    """Decode a stored image to uint8 RGB ``size`` x ``size`` (resize the short side, centre crop): the probe's
+    evaluation view, as the usual resize + centre crop protocol."""
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
         return np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR))
 
 
+def decode_letterbox(data: bytes, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a stored image whole to uint8 RGB ``size`` x ``size``: the long side resized to ``size``, the image
+    centred on zeros; and its box x0, y0, x1, y1 (int32). Training crops are drawn inside the box, so the sides of
+    wide images (OCT B-scans, ultrasound sectors, photos) stay in reach, which a centre crop would cut off."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        x0, y0 = (size - nw) // 2, (size - nh) // 2
+        out = np.zeros((size, size, 3), np.uint8)
+        out[y0 : y0 + nh, x0 : x0 + nw] = np.asarray(img.resize((nw, nh), Image.Resampling.BILINEAR))
+    return out, np.array([x0, y0, x0 + nw, y0 + nh], np.int32)
+
+
 def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` step: encoded rows to fixed-size uint8 pixels plus the modality and grayscale flag."""
-    pixels = (
-        np.stack([decode_square(b, size) for b in batch["image"]])
-        if len(batch["image"])
-        else np.zeros((0, size, size, 3), np.uint8)
-    )
+    """Ray Data ``map_batches`` step: encoded rows to letterboxed uint8 pixels with their valid boxes, plus the
+    modality and grayscale flag."""
+    decoded = [decode_letterbox(b, size) for b in batch["image"]]
     modality = np.asarray(batch["modality"]).astype(str)
     return {
-        "pixels": pixels,
+        "pixels": np.stack([p for p, _ in decoded]) if decoded else np.zeros((0, size, size, 3), np.uint8),
+        "valid": np.stack([v for _, v in decoded]) if decoded else np.zeros((0, 4), np.int32),
         "modality": modality,
         "grayscale": np.isin(modality, list(GRAYSCALE_MODALITIES)) | (np.asarray(batch["channels"]) == 1),
     }
 
 
-def decoded_dataset(data: Sequence[str], size: int, splits: Sequence[str] | None = None, modality: str | None = None):
-    """Shards to decoded uint8 pixels on Ray's CPU workers (the only CPU work of training)."""
-    ds = open_shards(data, splits=splits, modality=modality, columns=["image", "modality", "channels", "split"])
+def decoded_dataset(
+    data: Sequence[str],
+    size: int,
+    splits: Sequence[str] | None = None,
+    modality: str | None = None,
+    *,
+    shuffle_seed: int | None = None,
+    reshuffle: bool = True,
+):
+    """Shards to decoded uint8 pixels on Ray's CPU workers (the only CPU work of training); the shard order as
+    ``open_shards``."""
+    ds = open_shards(
+        data,
+        splits=splits,
+        modality=modality,
+        columns=["image", "modality", "channels", "split"],
+        shuffle_seed=shuffle_seed,
+        reshuffle=reshuffle,
+    )
     return ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_format="numpy")
 
 
@@ -112,77 +153,98 @@ def modality_counts(batch_size: int, modalities: Sequence[str], offset: int) -> 
     return {m: base + (1 if (i - offset) % n < extra else 0) for i, m in enumerate(modalities)}
 
 
+def _rows(batch: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(batch.values()), []))
+
+
 class _Stream:
     """Rows of one modality, drawn ``n`` at a time; a new pass starts whenever the data runs out.
 
-    A modality whose pass fits in ``cache_bytes`` is kept in memory after its first pass and re-served in a
-    fresh seeded order: a new streaming pass costs seconds of start-up, which a small modality cycling at
-    every step would otherwise pay at every step.
+    The first use reads pass 0 as far as ``cache_bytes`` goes. A pass that fits is kept in memory and every pass,
+    the first included, is a permutation of it seeded by ``(*seed, pass)``: a new streaming pass costs seconds of
+    start-up, which a small modality cycling at every step would otherwise pay at every step. A bigger modality
+    serves what was read, then streams on, pass ``e`` being ``make_iter(e)`` (shuffled by the source).
 
-    The rows served are one fixed sequence (pass 0 as streamed, then pass ``e`` re-streamed or permuted by
-    ``(seed, e)``), so ``fast_forward`` can continue it exactly where a previous process stopped.
+    The rows served are one fixed sequence, so ``fast_forward`` can continue it exactly where a previous process
+    stopped (given a source that repeats its passes).
     """
 
-    def __init__(self, make_iter: Callable[[int], Iterator[dict[str, np.ndarray]]], cache_bytes: int, seed: int):
+    def __init__(
+        self, make_iter: Callable[[int], Iterator[dict[str, np.ndarray]]], cache_bytes: int, seed: tuple[int | str, ...]
+    ):
         self.make_iter, self.cache_bytes, self.seed = make_iter, cache_bytes, seed
-        self.epoch = 0
-        self.it = iter(make_iter(0))
-        self.first_pass: list[dict[str, np.ndarray]] | None = []  # None once it no longer fits the cache
-        self.first_pass_bytes = 0
+        self.epoch = 0  # the pass of the rows read last
+        self.started = False
+        self.it: Iterator[dict[str, np.ndarray]] | None = None  # None when cached
         self.cached: dict[str, np.ndarray] | None = None
+        self.next_permutation = 0
         self.rows_this_pass = 0
         self.pending: list[dict[str, np.ndarray]] = []
         self.pending_rows = 0
 
-    def _pull(self) -> dict[str, np.ndarray]:
+    def _start(self) -> None:
+        """Read pass 0 as far as the cache goes: all of it is the cache, else it is the first rows to serve."""
+        self.started = True
+        self.it = iter(self.make_iter(0))
+        head: list[dict[str, np.ndarray]] = []
+        size = 0
+        for batch in self.it:
+            head.append(batch)
+            self.rows_this_pass += _rows(batch)
+            size += sum(v.nbytes for v in batch.values())
+            if size > self.cache_bytes:
+                self._queue(head)
+                return
+        if not self.rows_this_pass:
+            raise RuntimeError("a modality stream yields no rows")
+        self.cached = {k: np.concatenate([b[k] for b in head]) for k in head[0]}
+        self.it = None
+
+    def _queue(self, batches: list[dict[str, np.ndarray]]) -> None:
+        for batch in batches:
+            if _rows(batch):
+                self.pending.append(batch)
+                self.pending_rows += _rows(batch)
+
+    def _pull(self) -> None:
+        """Queue the next rows: a permuted pass of the cache, or the stream's next batch (none at a pass's end)."""
         if self.cached is not None:
-            rows = len(next(iter(self.cached.values())))
-            order = np.random.default_rng((self.seed, self.epoch)).permutation(rows)
-            self.epoch += 1
-            return {k: v[order] for k, v in self.cached.items()}
+            self.epoch, self.next_permutation = self.next_permutation, self.next_permutation + 1
+            order = np.random.default_rng(pass_seed(*self.seed, self.epoch)).permutation(_rows(self.cached))
+            self._queue([{k: v[order] for k, v in self.cached.items()}])
+            return
         try:
             batch = next(self.it)
         except StopIteration:
             if self.rows_this_pass == 0:
                 raise RuntimeError("a modality stream yields no rows") from None
-            if self.first_pass is not None:
-                self.cached = {k: np.concatenate([b[k] for b in self.first_pass]) for k in self.first_pass[0]}
-                self.first_pass = None
             self.epoch += 1
             self.rows_this_pass = 0
-            if self.cached is None:
-                self.it = iter(self.make_iter(self.epoch))
-            return {}
-        self.rows_this_pass += len(next(iter(batch.values()), []))
-        if self.first_pass is not None:
-            self.first_pass.append(batch)
-            self.first_pass_bytes += sum(v.nbytes for v in batch.values())
-            if self.first_pass_bytes > self.cache_bytes:
-                self.first_pass = None
-        return batch
+            self.it = iter(self.make_iter(self.epoch))
+            return
+        self.rows_this_pass += _rows(batch)
+        self._queue([batch])
 
     def fast_forward(self, rows: int, pass_rows: int) -> None:
-        """Continue as if ``rows`` rows had been taken, passes being ``pass_rows`` long. Pass 0 is read again
-        as far as the cache goes (it decides whether later passes come from the cache, and fills it); a pass
-        too big to cache is then started directly and only its skipped rows are read."""
+        """Continue as if ``rows`` rows had been taken, passes being ``pass_rows`` long. Pass 0 is read again as
+        far as the cache goes (it decides whether the passes come from the cache, and fills it); a pass too big to
+        cache is then started directly and only its skipped rows are read."""
         epoch, within = divmod(rows, pass_rows)
+        if not self.started:
+            self._start()
         if epoch:
-            while self.epoch == 0 and self.first_pass is not None:
-                self._pull()
-            if self.cached is None:  # too big to cache: start the current pass directly
-                self.first_pass, self.rows_this_pass = None, 0
+            if self.cached is None:
+                self.pending, self.pending_rows, self.rows_this_pass = [], 0, 0
                 self.it = iter(self.make_iter(epoch))
-            self.epoch = epoch
+            self.epoch = self.next_permutation = epoch
         if within:
             self.take(within)
 
     def take(self, n: int) -> dict[str, np.ndarray]:
+        if not self.started:
+            self._start()
         while self.pending_rows < n:
-            batch = self._pull()
-            rows = len(next(iter(batch.values()), []))
-            if rows:
-                self.pending.append(batch)
-                self.pending_rows += rows
+            self._pull()
         merged = {k: np.concatenate([b[k] for b in self.pending]) for k in self.pending[0]}
         self.pending_rows -= n
         self.pending = [{k: v[n:] for k, v in merged.items()}] if self.pending_rows else []
@@ -193,7 +255,8 @@ class BalancedBatches:
     """Batches with equal counts per modality (within one), cycling the small modalities.
 
     ``streams`` maps a modality to a function ``epoch -> iterator of numpy batches`` (a Ray Data shard's
-    ``iter_batches``, or any iterator for a bare loop).
+    ``iter_batches``, or any iterator for a bare loop). ``cache_bytes`` bounds the pass of one modality kept in
+    memory (0: every pass is streamed).
     """
 
     def __init__(
@@ -210,15 +273,20 @@ class BalancedBatches:
             raise ValueError("no modality to train on")
         if batch_size < len(streams):
             raise ValueError(f"batch size {batch_size} is smaller than the number of modalities ({len(streams)})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
         self.modalities = sorted(streams)
-        self.streams = {m: _Stream(streams[m], cache_bytes, seed + rank) for m in self.modalities}
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.streams = {m: _Stream(streams[m], cache_bytes, (seed, rank, m)) for m in self.modalities}
+        self.batch_size = batch_size
 
     def counts(self, step: int) -> dict[str, int]:
-        """Rows per modality in this worker's batch for ``step``. The extras rotate over steps and workers, so
-        the global batch (all workers) is balanced within one image as well."""
+        """Rows per modality in the batch for ``step``, the same on every worker: all workers then end a pass of a
+        modality at the same step, as its next pass waits for every worker (Ray Data's epoch barrier of a split
+        dataset), whereas counts that differed by rank would leave one worker in the barrier and the others in
+        the gradient all-reduce. The extras rotate over steps instead, so over ``len(modalities)`` steps every
+        modality gets the same number of rows."""
         extra = self.batch_size % len(self.modalities)
-        return modality_counts(self.batch_size, self.modalities, (step * self.world_size + self.rank) * extra)
+        return modality_counts(self.batch_size, self.modalities, step * extra)
 
     def fast_forward(self, step: int, pass_rows: Mapping[str, int]) -> None:
         """Resume at ``step``: each stream skips the rows that steps ``0..step-1`` took from it.
@@ -245,4 +313,53 @@ class BalancedBatches:
         return batch, counts
 
     def epochs(self) -> dict[str, int]:
+        """The pass of each modality's newest rows (0 during the first)."""
         return {m: s.epoch for m, s in self.streams.items()}
+
+
+class Prefetcher(Generic[T]):
+    """``fetch(step)`` for the steps ``start .. stop - 1``, each run in a background thread while the caller works
+    on the step before (one step ahead), so that the next batch is read, merged and pinned during the current step.
+
+    An exception raised by ``fetch`` is raised again by ``get`` of its step; ``close`` stops the thread (after the
+    fetch in progress, if any).
+    """
+
+    def __init__(self, fetch: Callable[[int], T], start: int, stop: int) -> None:
+        self._next, self._stop_step = start, stop
+        self._ready: queue.SimpleQueue[tuple[T | None, BaseException | None]] = queue.SimpleQueue()
+        self._room = threading.Semaphore(1)  # released when a result is taken: at most one waits
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fetch,), name="mermed-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, fetch: Callable[[int], T]) -> None:
+        for step in range(self._next, self._stop_step):
+            while not self._room.acquire(timeout=0.1):
+                if self._stopping.is_set():
+                    return
+            if self._stopping.is_set():
+                return
+            try:
+                self._ready.put((fetch(step), None))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer
+                self._ready.put((None, err))
+                return
+
+    def get(self, step: int) -> T:
+        """The result for ``step``, waiting for it if need be; steps come in order."""
+        if self._stopping.is_set():
+            raise RuntimeError("the prefetcher is closed")
+        if step != self._next or step >= self._stop_step:
+            raise ValueError(f"step {step} asked of a prefetcher at step {self._next} (stop {self._stop_step})")
+        value, err = self._ready.get()
+        if err is not None:
+            self._stop_step = step  # the thread has ended
+            raise err
+        self._next += 1
+        self._room.release()
+        return cast(T, value)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join()

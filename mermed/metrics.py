@@ -59,7 +59,7 @@ def _one_vs_rest(y_true: np.ndarray, scores: np.ndarray, task: str) -> tuple[np.
     return y == 1, s
 
 
-class _RankedColumn:
+class RankedColumn:
     """One score column sorted once, with its tie groups, so that many weightings can be scored against it."""
 
     def __init__(self, positive: np.ndarray, score: np.ndarray) -> None:
@@ -93,13 +93,13 @@ def _macro(per_column: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _weighted_auroc(columns: list[_RankedColumn], row_weights: np.ndarray) -> np.ndarray:
+def _weighted_auroc(columns: list[RankedColumn], row_weights: np.ndarray) -> np.ndarray:
     return _macro(np.stack([c.auc(row_weights) for c in columns], axis=1))
 
 
-def _ranked(y_true: np.ndarray, scores: np.ndarray, task: str) -> list[_RankedColumn]:
+def _ranked(y_true: np.ndarray, scores: np.ndarray, task: str) -> list[RankedColumn]:
     positive, s = _one_vs_rest(y_true, scores, task)
-    return [_RankedColumn(positive[:, k], s[:, k]) for k in range(s.shape[1])]
+    return [RankedColumn(positive[:, k], s[:, k]) for k in range(s.shape[1])]
 
 
 def _undefined(task: str) -> ValueError:

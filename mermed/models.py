@@ -1,4 +1,4 @@
-"""The networks: a timm ViT backbone, the DINO projection head, the multi-crop wrapper, and encoder export/import.
+"""The networks: a timm ViT backbone, the projection head, the multi-crop wrapper, and encoder export/import.
 
 The backbone is exported alone (safetensors + ``encoder.json``) because the probe stage and users need only the
 frozen encoder, never the head or the teacher.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import timm
@@ -16,11 +16,22 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from timm.models import register_model
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 ENCODER_FORMAT = "mermed-encoder/1"
 ENCODER_JSON = "encoder.json"
+
+
+@register_model
+def mermed_vit_tiny_patch8_depth6(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ViT-Tiny's width with 8 px patches and 6 blocks: enough tokens per small CPU-sized view (36 at 48 px, where
+    16 px patches give 9) at half the depth, for configs/pretrain_cpu.yaml. Registered with timm, so it is a
+    model name like any other (``import mermed.models`` first)."""
+    from timm.models.vision_transformer import vit_tiny_patch16_224
+
+    return vit_tiny_patch16_224(pretrained=pretrained, **{"patch_size": 8, "depth": 6, **kwargs})
 
 
 def build_backbone(name: str, img_size: int, **kw) -> nn.Module:
@@ -44,29 +55,41 @@ def embed_dim_of(backbone: nn.Module) -> int:
     return int(getattr(backbone, "embed_dim", None) or backbone.num_features)
 
 
-class DINOHead(nn.Module):
-    """MLP -> L2-normalised bottleneck -> weight-normalised prototypes (DINO's head, ``norm_last_layer=True``).
+class ProjectionHead(nn.Module):
+    """MLP (``hidden`` wide, optional BatchNorm, GELU) -> L2-normalised ``bottleneck`` embedding.
 
-    Returns the bottleneck embedding too: the memory queue stores and compares those, not the logits.
+    That embedding is what the MerMED objective compares with its memory. With ``prototypes`` > 0 a
+    weight-normalised layer of that many prototypes follows (DINO's head, ``norm_last_layer=True``), for the
+    ``dino`` ablation. Returns (prototype logits or None, embedding).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 2048, bottleneck: int = 256, n_layers: int = 3):
+    def __init__(
+        self,
+        in_dim: int,
+        bottleneck: int = 256,
+        hidden: int = 2048,
+        n_layers: int = 3,
+        batch_norm: bool = False,
+        prototypes: int = 0,
+    ):
         super().__init__()
         dims = [in_dim] + [hidden] * (n_layers - 1) + [bottleneck]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             layers.append(nn.Linear(a, b))
             if i < n_layers - 1:
-                layers.append(nn.GELU())
+                layers += [nn.BatchNorm1d(b), nn.GELU()] if batch_norm else [nn.GELU()]
         self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)
-        self.last_layer = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
-        # The prototype norms stay at 1 (DINO freezes weight_g): only directions are learnt, which keeps
-        # the logits bounded by 1 / temperature.
-        g = self.last_layer.parametrizations.weight.original0
-        with torch.no_grad():
-            g.fill_(1.0)
-        g.requires_grad_(False)
+        self.last_layer: nn.Module | None = None
+        if prototypes:
+            self.last_layer = weight_norm(nn.Linear(bottleneck, prototypes, bias=False))
+            # The prototype norms stay at 1 (DINO freezes weight_g): only directions are learnt, which keeps
+            # the logits bounded by 1 / temperature.
+            g = self.last_layer.parametrizations.weight.original0
+            with torch.no_grad():
+                g.fill_(1.0)
+            g.requires_grad_(False)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -75,9 +98,9 @@ class DINOHead(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         emb = F.normalize(self.mlp(x), dim=-1)
-        return self.last_layer(emb), emb
+        return (self.last_layer(emb) if self.last_layer is not None else None), emb
 
 
 class MultiCropEncoder(nn.Module):
@@ -85,12 +108,12 @@ class MultiCropEncoder(nn.Module):
     MultiCropWrapper), one head call for all. Outputs are concatenated in view order: rows ``v*B:(v+1)*B``
     belong to view ``v``."""
 
-    def __init__(self, backbone: nn.Module, head: DINOHead):
+    def __init__(self, backbone: nn.Module, head: ProjectionHead):
         super().__init__()
         self.backbone = backbone
         self.head = head
 
-    def forward(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
         if not views:
             raise ValueError("MultiCropEncoder needs at least one view")
         feats = []
@@ -113,6 +136,14 @@ class EncoderInfo:
     img_size: int
     embed_dim: int
     format: str = ENCODER_FORMAT
+    # The pixel statistics the encoder was trained with, per modality ({"CT": {"mean": [...], "std": [...]}}):
+    # downstream code normalises each image by its modality's, as pretraining did.
+    normalization: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def mean_std(self, modality: str) -> tuple[list[float], list[float]] | None:
+        """The modality's (mean, std) in [0, 1] units, or None when the encoder never saw it."""
+        entry = self.normalization.get(modality)
+        return (entry["mean"], entry["std"]) if entry else None
 
 
 def check_state_dict(module: nn.Module, shapes: Mapping[str, Sequence[int]], what: str) -> None:
@@ -137,12 +168,20 @@ def check_state_dict(module: nn.Module, shapes: Mapping[str, Sequence[int]], wha
         raise ValueError(f"{what} does not match the architecture: {'; '.join(parts)}")
 
 
-def export_encoder(backbone: nn.Module, path: str | Path, *, model_name: str, img_size: int) -> EncoderInfo:
+def export_encoder(
+    backbone: nn.Module,
+    path: str | Path,
+    *,
+    model_name: str,
+    img_size: int,
+    normalization: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+) -> EncoderInfo:
     """Write the backbone's weights to ``path`` (safetensors) and its description to ``encoder.json`` beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
-    info = EncoderInfo(model_name=model_name, img_size=img_size, embed_dim=embed_dim_of(backbone))
+    norm = {m: {k: [float(x) for x in v] for k, v in s.items()} for m, s in (normalization or {}).items()}
+    info = EncoderInfo(model_name=model_name, img_size=img_size, embed_dim=embed_dim_of(backbone), normalization=norm)
     save_file(tensors, str(path), metadata={"format": ENCODER_FORMAT, "model_name": model_name})
     (path.parent / ENCODER_JSON).write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
@@ -172,9 +211,9 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 __all__ = [
     "ENCODER_FORMAT",
-    "DINOHead",
     "EncoderInfo",
     "MultiCropEncoder",
+    "ProjectionHead",
     "build_backbone",
     "check_state_dict",
     "embed_dim_of",

@@ -6,11 +6,18 @@ in ``<workdir>/mlartifacts``, which ``mlflow ui --backend-store-uri sqlite:///<w
 
 from __future__ import annotations
 
+import json
 import os
+import posixpath
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ingest import storage
+from mermed.config import TrackingConfig
+
+RUN_FILE = "mlflow_run.json"  # beside a run's checkpoints: the MLflow run a resumed run keeps logging to
 
 # Param names that look like credentials are never logged, whatever a config holds.
 _SECRET = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key|deid_key)", re.I)
@@ -57,3 +64,29 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:500]
     return out
+
+
+def resumable_run(
+    run_uri: str, cfg: TrackingConfig, name: str, workdir: str | Path, params: Mapping[str, str], stage: str
+) -> tuple[str, str]:
+    """(run id, tracking URI) of the MLflow run of the run stored at ``run_uri``: created once with ``params``, and
+    found again from ``RUN/mlflow_run.json`` when the run resumes (a new one if the tracking store changed)."""
+    import mlflow
+
+    uri = tracking_uri(cfg.mlflow_uri, workdir)
+    experiment_id = use_experiment(cfg.experiment, uri, workdir)
+    fs, root = storage.filesystem(run_uri)
+    marker = posixpath.join(root, RUN_FILE)
+    if fs.exists(marker):
+        with fs.open(marker, "rb") as fh:
+            saved = json.loads(fh.read())
+        if saved.get("tracking_uri") == uri:
+            return saved["run_id"], uri
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=name, tags={"mermed.stage": stage})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(marker, "wb") as fh:
+        fh.write(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}).encode())
+    return run.info.run_id, uri

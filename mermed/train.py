@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ingest.schema import KNOWN_MODALITIES
+from mermed.augment import MultiCrop
 from mermed.config import PretrainConfig
-from mermed.losses import DINOLoss, MemoryAlignmentLoss
+from mermed.losses import DINOLoss, KoLeoLoss, MemoryAlignmentLoss, MerMEDLoss
 from mermed.memory import MemoryQueue
-from mermed.models import DINOHead, MultiCropEncoder, build_backbone, check_state_dict, embed_dim_of
+from mermed.models import MultiCropEncoder, ProjectionHead, build_backbone, check_state_dict, embed_dim_of
+from mermed.normalize import Normalization, modality_mean_std
+from mermed.optim import param_groups
 from mermed.schedules import Schedules
+from mermed.weights import load_backbone_weights
 
 STATE_FORMAT = "mermed-train-state/1"
 STATE_FILE = "state.safetensors"
@@ -51,19 +58,27 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_encoder(cfg: PretrainConfig, drop_path: float) -> MultiCropEncoder:
+    """Backbone + projection head; the head ends in DINO's prototypes only for the ``dino`` objective."""
     m = cfg.model
     backbone = build_backbone(m.name, cfg.crops.global_size, drop_path_rate=drop_path)
-    head = DINOHead(embed_dim_of(backbone), m.out_dim, hidden=m.hidden, bottleneck=m.bottleneck)
+    head = ProjectionHead(
+        embed_dim_of(backbone),
+        bottleneck=m.bottleneck,
+        hidden=m.hidden,
+        batch_norm=m.head_batch_norm,
+        prototypes=m.out_dim if cfg.loss.objective == "dino" else 0,
+    )
     return MultiCropEncoder(backbone, head)
 
 
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """DINO's groups: weight decay on weight matrices only, none on biases and norm scales. Group 0 decays."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+def modality_ids(modalities: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stable integer ids for the memory's modality column: the index in ingest's vocabulary, or past it for a
+    modality outside it (by name, so every worker and every resumed run agrees)."""
+    known = {m: i for i, m in enumerate(KNOWN_MODALITIES)}
+    ids = [
+        known.get(m, len(known) + int.from_bytes(m.encode()[:4].ljust(4, b"\0"), "little") % 1000) for m in modalities
+    ]
+    return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
 @dataclass
@@ -73,8 +88,7 @@ class TrainState:
     config: PretrainConfig
     student: nn.Module  # MultiCropEncoder, possibly wrapped in DDP
     teacher: MultiCropEncoder
-    dino_loss: DINOLoss
-    memory_loss: MemoryAlignmentLoss
+    objective: MerMEDLoss | DINOLoss  # loss.objective
     memory: MemoryQueue
     optimizer: torch.optim.Optimizer
     schedules: Schedules
@@ -87,7 +101,7 @@ class TrainState:
         return (
             ("student", unwrap(self.student)),
             ("teacher", self.teacher),
-            ("dino_loss", self.dino_loss),
+            ("objective", self.objective),
             ("memory", self.memory),
         )
 
@@ -162,9 +176,10 @@ def build_train_state(
     world_size: int = 1,
     total_steps: int | None = None,
 ) -> TrainState:
-    """Student, teacher (same initial weights, no drop-path, frozen), losses, memory, AdamW and schedules.
+    """Student, teacher (same initial weights, no drop-path, frozen), objective, memory, AdamW and schedules.
 
-    Weights are initialised from ``cfg.run.seed`` so that every worker builds the same model.
+    Weights are initialised from ``cfg.run.seed`` so that every worker builds the same model; ``model.init`` is
+    applied separately (``init_from_weights``), only when a run starts rather than resumes.
     """
     device = torch.device(device)
     torch.manual_seed(cfg.run.seed)
@@ -174,20 +189,52 @@ def build_train_state(
     teacher.requires_grad_(False)
     n_views = cfg.crops.n_global + cfg.crops.n_local
     lc = cfg.loss
+    if lc.objective == "mermed":
+        objective: MerMEDLoss | DINOLoss = MerMEDLoss(
+            cfg.crops.n_global, n_views, lc.student_temp, block_size=cfg.memory.size // cfg.memory.n_blocks
+        )
+        memory_init = "random"
+    else:
+        objective = DINOLoss(cfg.model.out_dim, cfg.crops.n_global, n_views, lc.student_temp, lc.center_momentum)
+        memory_init = "empty"
+    memory = MemoryQueue(
+        cfg.memory.size,
+        cfg.model.bottleneck,
+        cfg.memory.n_blocks,
+        init=memory_init,
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+    )
+    groups = param_groups(student, layer_decay=cfg.optim.layer_decay)
     return TrainState(
         config=cfg,
         student=student,
         teacher=teacher,
-        dino_loss=DINOLoss(cfg.model.out_dim, cfg.crops.n_global, n_views, lc.student_temp, lc.center_momentum).to(
-            device
-        ),
-        memory_loss=MemoryAlignmentLoss(lc.memory_student_temp, lc.memory_teacher_temp, cfg.crops.n_global),
-        memory=MemoryQueue(cfg.memory.size, cfg.model.bottleneck, cfg.memory.n_blocks).to(device),
-        optimizer=torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type == "cuda"),
+        objective=objective.to(device),
+        memory=memory.to(device),
+        optimizer=torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda"),
         schedules=Schedules.from_config(cfg, world_size=world_size, total_steps=total_steps),
         device=device,
         amp_dtype=autocast_dtype(cfg.run.precision, device),
     )
+
+
+def init_from_weights(state: TrainState, path: str) -> None:
+    """Continual pretraining: load backbone weights from ``path`` into student and teacher (before step 0)."""
+    student = unwrap(state.student)
+    report = load_backbone_weights(student.backbone, path)
+    state.teacher.backbone.load_state_dict(student.backbone.state_dict())
+    detail = f", dropped {len(report.dropped)} head keys" if report.dropped else ""
+    if report.pos_embed_from:
+        detail += f", position embeddings {report.pos_embed_from} -> {report.pos_embed_to}"
+    logging.getLogger("mermed.train").info("initialised from %s: %d tensors%s", path, report.loaded, detail)
+
+
+def step_generator(device: torch.device, seed: int, rank: int, step: int) -> torch.Generator:
+    """The generator of a step's random draws (crops, memory partition): it depends only on (seed, rank, step), so
+    a resumed run draws what an uninterrupted one would."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
+    return gen
 
 
 @torch.no_grad()
@@ -212,24 +259,78 @@ def clip_gradients(params: Sequence[nn.Parameter], clip: float) -> None:
     torch._foreach_mul_(grads, list(scale.unbind()))
 
 
-def train_step(state: TrainState, views: Sequence[torch.Tensor]) -> dict[str, float]:
+def _set_schedule(state: TrainState, sched: dict[str, float]) -> None:
+    """The step's lr on every group (times its layer-wise scale) and its weight decay on the decaying groups."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = sched["lr"] * group.get("lr_scale", 1.0)
+        if group.get("apply_weight_decay"):
+            group["weight_decay"] = sched["wd"]
+
+
+def _objective(
+    state: TrainState,
+    outputs: tuple,
+    ids: torch.Tensor,
+    teacher_temp: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The configured objective: MerMED's block-wise memory cross-entropy, or DINO plus memory alignment."""
+    cfg = state.config
+    s_logits, s_emb, t_logits, t_emb = outputs
+    if cfg.loss.objective == "mermed":
+        return state.objective(s_emb, t_emb, ids, state.memory, teacher_temp, generator=generator)
+    loss = state.objective(s_logits, t_logits, teacher_temp)
+    if cfg.loss.memory_weight > 0:
+        align = MemoryAlignmentLoss(cfg.loss.memory_student_temp, cfg.loss.memory_teacher_temp, cfg.crops.n_global)
+        loss = loss + cfg.loss.memory_weight * align(s_emb, t_emb, state.memory)
+    return loss
+
+
+@torch.no_grad()
+def _monitors(state: TrainState, outputs: tuple, ids: torch.Tensor, teacher_temp: float) -> dict[str, torch.Tensor]:
+    """Collapse monitors: the teacher's entropy against its ceiling (a uniform teacher sits at the ceiling), and
+    ``embedding_std``, the per-dimension spread of the student's global-view embeddings (near 0 means
+    dimensional collapse; about 1/sqrt(dim) is a well-spread batch)."""
+    s_logits, s_emb, t_logits, t_emb = outputs
+    if state.config.loss.objective == "mermed":
+        # Its own partition, so that how often a run logs never changes the training draws.
+        gen = torch.Generator(device=state.memory.bank.device).manual_seed(state.step)
+        entropy, ceiling = state.objective.teacher_entropy(t_emb, ids, state.memory, teacher_temp, generator=gen)
+        entropy, ceiling = entropy.mean(), ceiling.mean()
+    else:
+        q = state.objective.teacher_probs(t_logits, teacher_temp)
+        entropy = torch.special.entr(q).sum(dim=-1).mean()
+        ceiling = torch.tensor(math.log(q.shape[-1]), device=q.device)
+    return {
+        "teacher_entropy": entropy,
+        "teacher_entropy_ceiling": ceiling,
+        "embedding_std": s_emb[: t_emb.shape[0]].float().std(dim=0).mean(),
+    }
+
+
+def train_step(
+    state: TrainState,
+    views: Sequence[torch.Tensor],
+    modalities: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    monitors: bool = True,
+) -> dict[str, float]:
     """One optimisation step on a batch of augmented views (global views first), on ``state.device``.
 
-    Returns the step's metrics, including two collapse monitors: ``teacher_entropy`` (stuck at ln K means a
-    uniform teacher) and ``embedding_std`` (per-dimension std of the student's normalised global-view
-    embeddings across the batch, averaged over dimensions; near 0 means dimensional collapse, about
-    1/sqrt(dim) is a well-spread batch).
+    ``modalities``: (B,) ids (``modality_ids``) of the batch's images, for the memory's masking and its column
+    of modalities. ``generator`` draws the step's memory partition. Only with ``monitors`` does the step read
+    anything back from the device (loss terms, collapse monitors, memory fill, and the finiteness check), so
+    the other steps queue their work without waiting for it.
     """
     cfg = state.config
     n_global = cfg.crops.n_global
-    if len(views) != state.dino_loss.n_views:
-        raise ValueError(f"train_step expects {state.dino_loss.n_views} views, got {len(views)}")
+    if len(views) != state.objective.n_views:
+        raise ValueError(f"train_step expects {state.objective.n_views} views, got {len(views)}")
+    batch = views[0].shape[0]
+    ids = modalities.to(state.device)
     sched = state.schedules.at(state.step)
-    for group in state.optimizer.param_groups:
-        group["lr"] = sched["lr"]
-        if group["name"] == "decay":
-            group["weight_decay"] = sched["wd"]
-
+    _set_schedule(state, sched)
     amp = (
         torch.autocast(state.device.type, dtype=state.amp_dtype)
         if state.amp_dtype is not None
@@ -239,18 +340,13 @@ def train_step(state: TrainState, views: Sequence[torch.Tensor]) -> dict[str, fl
         with torch.no_grad():
             t_logits, t_emb = state.teacher(views[:n_global])
         s_logits, s_emb = state.student(views)
-    with torch.no_grad():
-        q = state.dino_loss.teacher_probs(t_logits, sched["teacher_temp"])
-        teacher_entropy = torch.special.entr(q).sum(dim=-1).mean()
-        embedding_std = s_emb[: t_emb.shape[0]].float().std(dim=0).mean()
-    dino = state.dino_loss(s_logits, t_logits, sched["teacher_temp"])
-    if cfg.loss.memory_weight > 0:
-        memory = state.memory_loss(s_emb, t_emb, state.memory)
-    else:
-        memory = torch.zeros((), device=state.device)
-    loss = dino + cfg.loss.memory_weight * memory
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss at step {state.step}")
+    outputs = (s_logits, s_emb, t_logits, t_emb)
+    objective = _objective(state, outputs, ids, sched["teacher_temp"], generator)
+    koleo = torch.zeros((), device=state.device)
+    if cfg.loss.koleo_weight > 0:
+        koleo = KoLeoLoss()(s_emb[: n_global * batch].float(), n_groups=n_global)
+    loss = objective + cfg.loss.koleo_weight * koleo
+    watched = _monitors(state, outputs, ids, sched["teacher_temp"]) if monitors else {}
 
     student = unwrap(state.student)
     state.optimizer.zero_grad(set_to_none=True)
@@ -258,25 +354,65 @@ def train_step(state: TrainState, views: Sequence[torch.Tensor]) -> dict[str, fl
     params = [p for p in student.parameters() if p.requires_grad]
     if cfg.optim.clip_grad > 0:
         clip_gradients(params, cfg.optim.clip_grad)
-    if state.step < cfg.optim.freeze_last_layer_steps:
+    if student.head.last_layer is not None and state.step < cfg.optim.freeze_last_layer_steps:
         # DINO keeps the prototypes fixed for the first steps; training them early tends to collapse.
         for p in student.head.last_layer.parameters():
             p.grad = None
     state.optimizer.step()
     ema_update(state.teacher, student, sched["momentum"])
-    state.memory.enqueue(t_emb.float())
+    if cfg.loss.objective == "mermed":  # the published memory takes the second global view, with modalities
+        second = min(1, n_global - 1)
+        state.memory.enqueue(t_emb[second * batch : (second + 1) * batch].float(), ids)
+    else:
+        state.memory.enqueue(t_emb.float(), ids.repeat(n_global))
     state.step += 1
+    if not monitors:
+        return dict(sched)
 
-    values = torch.stack([loss.detach(), dino.detach(), memory.detach(), teacher_entropy, embedding_std]).tolist()
-    return {
-        "loss": values[0],
-        "dino_loss": values[1],
-        "memory_loss": values[2],
-        "teacher_entropy": values[3],
-        "embedding_std": values[4],
-        "memory_fill": state.memory.fill_fraction,
-        **sched,
-    }
+    names = ["loss", "objective_loss", "koleo_loss", *watched]
+    values = torch.stack([loss.detach(), objective.detach(), koleo.detach(), *watched.values()]).tolist()
+    metrics = dict(zip(names, values, strict=True))
+    if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"non-finite loss at step {state.step - 1}")
+    fill = state.memory.modality_counts()
+    metrics["memory_fill"] = state.memory.fill_fraction
+    names_by_id = dict(enumerate(KNOWN_MODALITIES))
+    for mid, count in fill.items():
+        if mid >= 0:
+            metrics[f"memory_share_{names_by_id.get(mid, mid)}"] = count / max(state.memory.size, 1)
+    return {**metrics, **sched}
+
+
+def batch_step(
+    state: TrainState,
+    crops: MultiCrop,
+    batch: Mapping[str, torch.Tensor],
+    modalities: Sequence[str],
+    normalization: Normalization,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    monitors: bool = True,
+) -> dict[str, float]:
+    """A decoded balanced batch to one training step, as every loop runs it (the Ray Train worker, the benches):
+    the batch's ``pixels`` (B, H, W, 3) uint8, ``grayscale`` and ``valid`` go to the device, become views
+    normalised by each row's modality, and step the state. The crops' draws depend on (seed, rank, step), the
+    memory partition's on (seed, step) alone: the same on every rank."""
+    device, seed = state.device, state.config.run.seed
+    images = batch["pixels"].to(device, non_blocking=True).permute(0, 3, 1, 2)
+    grayscale = batch["grayscale"].to(device, non_blocking=True)
+    valid = batch["valid"].to(device, non_blocking=True) if "valid" in batch else None
+    mean, std = modality_mean_std(normalization, modalities, device)
+    views = crops(
+        images, grayscale, generator=step_generator(device, seed, rank, state.step), valid=valid, mean=mean, std=std
+    )
+    return train_step(
+        state,
+        views,
+        modality_ids(modalities, device),
+        generator=step_generator(device, seed, world_size, state.step),
+        monitors=monitors,
+    )
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -346,14 +482,17 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], devic
 
 __all__ = [
     "TrainState",
+    "batch_step",
     "autocast_dtype",
     "build_encoder",
     "build_train_state",
     "clip_gradients",
     "ema_update",
     "load_checkpoint",
-    "param_groups",
+    "init_from_weights",
+    "modality_ids",
     "save_checkpoint",
+    "step_generator",
     "train_step",
     "unwrap",
 ]

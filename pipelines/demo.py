@@ -134,12 +134,15 @@ def _table(summary: list[dict]) -> str:
 def run_demo(workdir: str | Path = "demo_work", *, steps: int | None = None, per_class: int = 32) -> DemoResult:
     import ray
 
+    from ingest.config import IngestConfig, load_config
     from ingest.deid import create_local_key, load_key
     from ingest.pipeline import MANIFEST, run_ingest
-    from mermed.config import IngestConfig, PretrainConfig, ProbeConfig, load_config
+    from mermed.checkpoints import ENCODER_FILE
+    from mermed.config import PretrainConfig
+    from mermed.probe.config import ProbeConfig
     from mermed.tracking import tracking_uri
     from pipelines.common import init_ray
-    from pipelines.pretrain import ENCODER_FILE, run_pretrain
+    from pipelines.pretrain import run_pretrain
     from pipelines.probe import run_probe
 
     workdir = Path(workdir).resolve()

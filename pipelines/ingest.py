@@ -1,15 +1,9 @@
-"""Ingest entry point for ``ray job submit --working-dir . -- python pipelines/ingest.py --input ... --output ...``.
+"""Ingest entry point: ``ray job submit --working-dir . -- python pipelines/ingest.py --input ... --output ...``.
 
-Takes the same arguments as ``mermed ingest``.
+Takes the same arguments as ``mermed ingest`` (``pipelines/cli.py``); the Ray Data graph is ``ingest.pipeline``.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mermed.cli import app
+    from entrypoint import run_command
 
-    app(["ingest", *sys.argv[1:]])
+    run_command("ingest")

@@ -9,34 +9,39 @@ group restarts from the latest checkpoint (``FailureConfig``), each data stream 
 
 from __future__ import annotations
 
-import json
+if __name__ == "__main__":
+    from entrypoint import run_command
+
+    run_command("pretrain")
+
 import logging
 import os
-import posixpath
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mermed import storage, tracking
+from ingest import storage
+from ingest.schema import modality_normalization, read_manifest
+from mermed import tracking
 from mermed.augment import MultiCrop
+from mermed.checkpoints import CHECKPOINT_DIR, export_teacher, restore_newest
 from mermed.config import PretrainConfig
-from mermed.data import BalancedBatches, decoded_dataset, split_counts
-from mermed.models import build_backbone, export_encoder
-from mermed.train import STATE_FILE, TrainState, build_train_state, load_checkpoint, save_checkpoint
+from mermed.data import BalancedBatches, Prefetcher, decoded_dataset, pass_seed, split_counts
+from mermed.monitor import KnnMonitor, KnnSettings, check_tasks, initial_backbone, load_tasks
+from mermed.probe.config import ProbeTasksFile
+from mermed.train import TrainState, build_train_state, save_checkpoint
+
+if TYPE_CHECKING:
+    import mlflow
 
 log = logging.getLogger("mermed.pretrain")
 
-ENCODER_FILE = "encoder.safetensors"
-MLFLOW_RUN_FILE = "mlflow_run.json"
-CHECKPOINT_DIR = "state"  # inside each Ray Train checkpoint
 SPLIT_MIN_ROWS_PER_WORKER = 64
 
 
@@ -53,49 +58,30 @@ def _dataset_name(modality: str) -> str:
     return f"modality_{modality}"
 
 
+def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import mlflow
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def _knn_monitor(
+    monitor: dict, cfg: PretrainConfig, state: TrainState, restored: bool, normalization: dict
+) -> KnnMonitor:
+    """The kNN monitor of ``run_pretrain(monitor=...)``; drift is measured from the step-0 teacher, which a
+    resumed run no longer holds and rebuilds."""
+    return KnnMonitor(
+        ProbeTasksFile.model_validate({"tasks": monitor["tasks"]}).tasks,
+        initial_backbone(cfg) if restored else state.teacher.backbone,
+        img_size=cfg.crops.global_size,
+        device=state.device,
+        amp_dtype=state.amp_dtype,
+        settings=KnnSettings(**monitor["settings"]),
+        normalization=normalization,
+    )
+
+
 # ----------------------------------------------------------------------------------------------- the worker
-
-
-def _checkpoint_candidates(run_uri: str) -> list:
-    """Ray Train's latest checkpoint first, then the older ones kept in storage, newest first."""
-    import ray.train
-
-    candidates = []
-    latest = ray.train.get_checkpoint()
-    if latest is not None:
-        candidates.append(latest)
-    fs, root = storage.filesystem(run_uri)
-    if fs.exists(root):
-        for path in sorted(fs.glob(posixpath.join(root, "checkpoint_*")), reverse=True):
-            if not fs.isdir(path):
-                continue  # checkpoint_manager_snapshot.json
-            if latest is None or posixpath.normpath(path) != posixpath.normpath(latest.path):
-                candidates.append(ray.train.Checkpoint(path, filesystem=storage.arrow_filesystem(fs)))
-    return candidates
-
-
-def _restore(state: TrainState, run_uri: str) -> str | None:
-    """Load the newest checkpoint that loads; a corrupt or truncated one is skipped with a warning."""
-    for checkpoint in _checkpoint_candidates(run_uri):
-        try:
-            with checkpoint.as_directory() as directory:
-                load_checkpoint(state, Path(directory) / CHECKPOINT_DIR)
-            return checkpoint.path
-        except Exception as err:  # noqa: BLE001 - fall back to the previous checkpoint
-            log.warning(
-                "checkpoint %s cannot be loaded (%s: %s); trying the previous one",
-                posixpath.basename(checkpoint.path),
-                type(err).__name__,
-                err,
-            )
-    return None
-
-
-def _crop_generator(device: torch.device, seed: int, rank: int, step: int) -> torch.Generator:
-    """Crops depend only on (seed, rank, step), so a resumed run draws the same views as an uninterrupted one."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + rank) * 1_000_003 + step)
-    return gen
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -104,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from mermed.train import train_step
+    from mermed.train import batch_step, init_from_weights
 
     cfg = PretrainConfig.model_validate(config["pretrain"])
     ctx = ray.train.get_context()
@@ -112,23 +98,41 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
     state = build_train_state(cfg, device=device, world_size=world, total_steps=cfg.run.steps)
-    restored = _restore(state, config["run_uri"])
+    latest = ray.train.get_checkpoint()
+    restored = restore_newest(state, config["run_uri"], latest.path if latest else None)
     if restored:
         log.info("worker %d resumed at step %d", rank, state.step)
+    elif cfg.model.init:
+        init_from_weights(state, cfg.model.init)
     if world > 1:
+        if device.type == "cuda":  # the published SyncBatchNorm in both heads (it needs CUDA; gloo keeps BN local)
+            state.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.student)
+            state.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(state.teacher)
         state.student = ray.train.torch.prepare_model(state.student, move_to_device=False)
 
     modalities = config["modalities"]
     per_modality = max(1, cfg.optim.batch_size_per_worker // len(modalities))
+    shards = {m: ray.train.get_dataset_shard(_dataset_name(m)) for m in modalities}
     streams = {
         m: (
-            lambda epoch, m=m: ray.train.get_dataset_shard(_dataset_name(m)).iter_batches(
-                batch_size=per_modality, batch_format="numpy", prefetch_batches=2
+            lambda epoch, m=m: shards[m].iter_batches(
+                batch_size=per_modality,
+                batch_format="numpy",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
+                local_shuffle_seed=pass_seed(cfg.run.seed, rank, m, epoch),  # a new order every pass
             )
         )
         for m in modalities
     }
-    batches = BalancedBatches(streams, cfg.optim.batch_size_per_worker, rank=rank, world_size=world, seed=cfg.run.seed)
+    batches = BalancedBatches(
+        streams,
+        cfg.optim.batch_size_per_worker,
+        rank=rank,
+        world_size=world,
+        cache_bytes=cfg.data.stream_cache_mb * 2**20,
+        seed=cfg.run.seed,
+    )
     crops = MultiCrop.from_config(cfg.crops)
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
     run_id = config["mlflow_run_id"]
@@ -138,15 +142,45 @@ def train_loop_per_worker(config: dict) -> None:
         if client is not None:  # a restart (worker failure or re-run) shows in MLflow
             client.log_metric(run_id, "resumed_at_step", state.step, step=state.step)
 
+    def load(step: int) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, int], dict[str, int]]:
+        """The batch of ``step`` as host tensors (page-locked on a GPU, so that the copy runs asynchronously), its
+        modalities, its rows per modality and each modality's pass."""
+        batch, counts = batches.next(step)
+        host = {k: torch.from_numpy(batch[k]) for k in ("pixels", "grayscale", "valid")}
+        if device.type == "cuda":
+            host = {k: v.pin_memory() for k, v in host.items()}
+        return host, batch["modality"], counts, batches.epochs()
+
+    # The next batch is assembled while a step runs; it fetches exactly the loop's steps, so its thread ends with it.
+    prefetch = Prefetcher(load, state.step, cfg.run.steps)
+
+    monitor = None
+    if rank == 0 and config["monitor"]["tasks"]:
+        monitor = _knn_monitor(config["monitor"], cfg, state, bool(restored), config["normalization"])
+        _log_metrics(client, run_id, {"monitor_setup_s": monitor.setup_s}, state.step)
+        if not restored:  # every curve starts at the initial weights (a resumed run has logged them)
+            _log_metrics(client, run_id, monitor(state.teacher.backbone), 0)
+
     while state.step < cfg.run.steps:
         started = time.perf_counter()
-        batch, counts = batches.next(state.step)
-        images = torch.from_numpy(batch["pixels"]).to(device, non_blocking=True).permute(0, 3, 1, 2)
-        grayscale = torch.from_numpy(batch["grayscale"]).to(device)
-        views = crops(images, grayscale, generator=_crop_generator(device, cfg.run.seed, rank, state.step))
-        metrics = train_step(state, views)
+        host, modality, counts, epochs = prefetch.get(state.step)
+        data_wait = time.perf_counter() - started
+        done = state.step + 1
+        metrics = batch_step(
+            state,
+            crops,
+            host,
+            modality,
+            config["normalization"],
+            rank=rank,
+            world_size=world,
+            monitors=done % cfg.run.log_every == 0 or done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps,
+        )
+        images = host["pixels"]
         metrics["images_per_s"] = world * len(images) / (time.perf_counter() - started)
+        metrics["data_wait_s"] = data_wait  # how long the step waited for its batch
         metrics.update({f"count_{m}": float(n) for m, n in counts.items()})
+        metrics.update({f"epoch_{m}": float(e) for m, e in epochs.items()})
         step = state.step
         if client is not None and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
             client.log_batch(
@@ -162,6 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
                     save_checkpoint(state, Path(tmp) / CHECKPOINT_DIR)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+            if monitor is not None:  # after the checkpoint is safe; the other ranks wait in their next step
+                _log_metrics(client, run_id, monitor(state.teacher.backbone), step)
         elif step % cfg.run.log_every == 0:
             ray.train.report({"step": step, **metrics})
 
@@ -169,49 +205,9 @@ def train_loop_per_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------------------------- the driver
 
 
-def _mlflow_run(run_uri: str, cfg: PretrainConfig, name: str, workdir: str, params: dict) -> tuple[str, str]:
-    """The run's MLflow run, created once and reused when the run resumes (its id is kept beside the checkpoints)."""
-    import mlflow
-
-    uri = tracking.tracking_uri(cfg.tracking.mlflow_uri, workdir)
-    experiment_id = tracking.use_experiment(cfg.tracking.experiment, uri, workdir)
-    fs, root = storage.filesystem(run_uri)
-    marker = posixpath.join(root, MLFLOW_RUN_FILE)
-    if fs.exists(marker):
-        with fs.open(marker, "rb") as fh:
-            saved = json.loads(fh.read())
-        if saved.get("tracking_uri") == uri:
-            return saved["run_id"], uri
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(experiment_id, run_name=name, tags={"mermed.stage": "pretrain"})
-    for key, value in {**tracking.flatten_params(cfg.model_dump()), **params}.items():
-        client.log_param(run.info.run_id, key, value)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(marker, "wb") as fh:
-        fh.write(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}).encode())
-    return run.info.run_id, uri
-
-
-def _export(checkpoint, cfg: PretrainConfig, run_uri: str) -> str:
-    """The final teacher backbone as ``encoder.safetensors`` + ``encoder.json`` in the run's folder."""
-    from safetensors.torch import load_file
-
-    with checkpoint.as_directory() as directory:
-        tensors = load_file(str(Path(directory) / CHECKPOINT_DIR / STATE_FILE))
-    prefix = "teacher/backbone."
-    backbone = build_backbone(cfg.model.name, cfg.crops.global_size)
-    backbone.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
-    fs, root = storage.filesystem(run_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        export_encoder(backbone, Path(tmp) / ENCODER_FILE, model_name=cfg.model.name, img_size=cfg.crops.global_size)
-        for name in os.listdir(tmp):
-            fs.put(os.path.join(tmp, name), posixpath.join(root, name))
-    return storage.join(run_uri, ENCODER_FILE)
-
-
 def _ingest_options(cfg: PretrainConfig):
-    """Ray Train's default data options, keeping the rows in shard order under ``run.deterministic_data``
-    (what makes a resumed run draw exactly the batches of an uninterrupted one)."""
+    """Ray Train's default data options, keeping the rows in their (seeded) shard order under
+    ``run.deterministic_data`` (what makes a resumed run draw exactly the batches of an uninterrupted one)."""
     import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
@@ -230,14 +226,21 @@ def run_pretrain(
     include_test: bool = False,
     max_failures: int = 3,
     workdir: str | None = None,
+    monitor: str | Path | None = None,
+    monitor_settings: KnnSettings = KnnSettings(),
 ) -> PretrainResult:
-    """Pretrain on the ingest outputs ``data``; resumes from ``STORAGE/NAME`` when a checkpoint is there."""
+    """Pretrain on the ingest outputs ``data``; resumes from ``STORAGE/NAME`` when a checkpoint is there.
+
+    ``monitor``: a probe task file (``mermed.probe.config.ProbeTasksFile``) whose tasks the kNN monitor
+    (``mermed.monitor``) scores with the teacher at step 0 and at every checkpoint, on rank 0.
+    """
     import mlflow
     import ray.train
     from ray.train.torch import TorchTrainer
 
     splits = ["train", "val"] + (["test"] if include_test else [])
     counts = split_counts(data)
+    normalization = modality_normalization([read_manifest(d) for d in data])
     modalities = sorted(m for m, per_split in counts.items() if sum(per_split.get(s, 0) for s in splits))
     if not modalities:
         raise ValueError(f"no {'/'.join(splits)} rows in {', '.join(data)}")
@@ -246,6 +249,8 @@ def run_pretrain(
             f"optim.batch_size_per_worker ({cfg.optim.batch_size_per_worker}) is below the number of "
             f"modalities ({len(modalities)}): a balanced batch needs one image of each"
         )
+    monitor_tasks = load_tasks(monitor) if monitor is not None else []
+    monitor_splits = check_tasks(monitor_tasks, monitor_settings)  # a bad task fails here, before any compute
     run_uri = storage.join(storage_uri, name)
     if (
         workdir is None
@@ -263,13 +268,30 @@ def run_pretrain(
         "use_gpu": str(use_gpu),
         "splits": ",".join(splits),
         "modalities": ",".join(modalities),
+        "monitor": str(monitor or ""),
     }
-    run_id, uri = _mlflow_run(run_uri, cfg, name, workdir, params)
+    run_id, uri = tracking.resumable_run(
+        run_uri, cfg.tracking, name, workdir, {**tracking.flatten_params(cfg.model_dump()), **params}, stage="pretrain"
+    )
     log.info(
         "pretrain %s: %d modalities %s, %d workers; MLflow run %s", name, len(modalities), modalities, workers, run_id
     )
+    for task, split in monitor_splits.items():
+        mlflow.MlflowClient(uri).set_tag(run_id, f"monitor.{task}.split", split)  # val, or test where val is empty
 
-    datasets = {_dataset_name(m): decoded_dataset(data, cfg.crops.decode_size, splits, modality=m) for m in modalities}
+    # Shards in a seeded order, a new one every pass; fixed under run.deterministic_data, which a resumed run then
+    # continues exactly (the workers' shuffle buffers, seeded by the pass, still vary the passes).
+    datasets = {
+        _dataset_name(m): decoded_dataset(
+            data,
+            cfg.crops.decode_size,
+            splits,
+            modality=m,
+            shuffle_seed=pass_seed(cfg.run.seed, m),
+            reshuffle=not cfg.run.deterministic_data,
+        )
+        for m in modalities
+    }
     # A modality too small to share out (each worker needs rows of it at every step) goes whole to every worker.
     rows = {m: sum(counts[m].get(s, 0) for s in splits) for m in modalities}
     split = [_dataset_name(m) for m in modalities if rows[m] >= SPLIT_MIN_ROWS_PER_WORKER * workers]
@@ -291,6 +313,11 @@ def run_pretrain(
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
             "pass_rows": pass_rows,
+            "normalization": normalization,
+            "monitor": {
+                "tasks": [t.model_dump(mode="json") for t in monitor_tasks],
+                "settings": asdict(monitor_settings),
+            },
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -306,7 +333,8 @@ def run_pretrain(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    encoder_uri = _export(result.checkpoint, cfg, run_uri)
+    with result.checkpoint.as_directory() as directory:
+        encoder_uri = export_teacher(Path(directory) / CHECKPOINT_DIR, cfg, run_uri, normalization)
     client = mlflow.MlflowClient(uri)
     if not storage.is_remote(encoder_uri):
         for artifact in (encoder_uri, os.path.join(os.path.dirname(encoder_uri), "encoder.json")):
@@ -314,9 +342,3 @@ def run_pretrain(
     client.set_tag(run_id, "mermed.encoder", encoder_uri)
     client.set_terminated(run_id)
     return PretrainResult(run_uri, encoder_uri, int(result.metrics.get("step", cfg.run.steps)), run_id, uri)
-
-
-if __name__ == "__main__":
-    from mermed.cli import app
-
-    app(["pretrain", *sys.argv[1:]])

@@ -32,12 +32,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ingest import dicom, image, npz, wsi
+from ingest import dicom, image, npz, storage, wsi
+from ingest.config import IngestConfig
 from ingest.deid import Pseudonymizer
 from ingest.pipeline import MANIFEST, QUARANTINE, ReadContext, discover, read_unit, run_ingest
 from ingest.schema import DecodeError, Image, InputError, decode_image
-from mermed import storage
-from mermed.config import IngestConfig
 
 KEY = b"malformed-test-key-0123456789abcdef"
 CFG = IngestConfig(wsi={"thumbnail_size": 256})  # slide thumbnails from level 1, so a level-0 tile can fail alone
@@ -309,7 +308,7 @@ import json, sys, warnings
 warnings.simplefilter("ignore")
 from ingest import dicom
 from ingest.schema import Image, InputError
-from mermed.config import IngestConfig
+from ingest.config import IngestConfig
 for path in sys.argv[1:]:
     out = {"images": [], "errors": []}
     for _, result in dicom.read([path], None, IngestConfig()):

@@ -1,4 +1,5 @@
-"""The FIFO memory: order, wrap-around, no skipped slots, checkpointing, and gathering across real workers."""
+"""The FIFO memory: order, wrap-around, no skipped slots, modality ids, the random start, checkpointing, and
+gathering across real workers."""
 
 from __future__ import annotations
 
@@ -75,10 +76,11 @@ def test_state_dict_roundtrip_restores_contents_and_pointer():
     mem.enqueue(torch.randn(4, 4))
     mem.enqueue(torch.randn(3, 4))
     state = mem.state_dict()
-    assert set(state) == {"bank", "ptr", "filled"}
+    assert set(state) == {"bank", "modality", "ptr", "filled"}
     other = MemoryQueue(size=6, dim=4, n_blocks=3)
     other.load_state_dict(state)
     assert torch.equal(other.bank, mem.bank) and int(other.ptr) == 1 and int(other.filled) == 6
+    assert torch.equal(other.modality, mem.modality)
     new = torch.randn(3, 4)
     mem.enqueue(new)
     other.enqueue(new)
@@ -94,6 +96,50 @@ def test_size_zero_is_a_noop_and_bad_input_is_rejected():
         MemoryQueue(size=10, dim=4, n_blocks=4)
 
 
+def test_modality_ids_follow_their_rows_through_wrap_around():
+    mem = MemoryQueue(size=8, dim=4, n_blocks=2)
+    written = 0
+    for n in (3, 3, 3, 5):
+        mem.enqueue(rows(written, n), torch.arange(written, written + n) + 1)  # id = sequence number
+        written += n
+    assert mem.modality.tolist() == ids(mem) == [9, 10, 11, 12, 13, 14, 7, 8]
+    mem.enqueue(rows(written, 2))  # no ids: unknown
+    assert mem.modality.tolist() == [9, 10, 11, 12, 13, 14, -1, -1] and int(mem.ptr) == 0
+    mem.enqueue(rows(100, 10), torch.arange(10))  # more rows than slots: the newest rows keep their own ids
+    assert [m + 101 for m in mem.modality.tolist()] == ids(mem)
+
+
+def test_modality_counts_cover_only_filled_slots():
+    mem = MemoryQueue(size=8, dim=4, n_blocks=2)
+    assert mem.modality_counts() == {}
+    mem.enqueue(torch.randn(3, 4), torch.tensor([2, 0, 2]))
+    mem.enqueue(torch.randn(1, 4))
+    assert mem.modality_counts() == {-1: 1, 0: 1, 2: 2}
+
+
+def test_random_start_is_full_of_unit_vectors_of_unknown_modality():
+    mem = MemoryQueue(size=8, dim=4, n_blocks=2, init="random", generator=torch.Generator().manual_seed(0))
+    again = MemoryQueue(size=8, dim=4, n_blocks=2, init="random", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mem.bank, again.bank)  # seeded: reproducible
+    torch.testing.assert_close(mem.bank.norm(dim=1), torch.ones(8))
+    assert mem.modality.tolist() == [-1] * 8 and mem.modality.dtype == torch.int64
+    assert int(mem.filled) == 8 and mem.fill_fraction == 1.0 and int(mem.ptr) == 0
+    assert [b.shape[0] for b in mem.blocks()] == [4, 4] and mem.modality_counts() == {-1: 8}
+    start = mem.bank.clone()
+    mem.enqueue(rows(0, 3), torch.tensor([5, 5, 6]))  # overwrites from slot 0, the rest stays random
+    assert ids(mem)[:3] == [1, 2, 3] and torch.equal(mem.bank[3:], start[3:])
+    assert mem.modality_counts() == {-1: 5, 5: 2, 6: 1} and int(mem.ptr) == 3 and int(mem.filled) == 8
+    assert "init=random" in repr(mem)
+
+
+def test_bad_modality_ids_and_init_are_rejected():
+    mem = MemoryQueue(size=8, dim=4, n_blocks=2)
+    with pytest.raises(ValueError, match="modality ids"):
+        mem.enqueue(torch.randn(3, 4), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="memory init"):
+        MemoryQueue(size=8, dim=4, n_blocks=2, init="zeros")  # type: ignore[arg-type]
+
+
 def _gather_worker(rank: int, world: int, init_file: str, results) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -101,7 +147,7 @@ def _gather_worker(rank: int, world: int, init_file: str, results) -> None:
         # Rank 0 contributes 2 rows, rank 1 three: the gather must handle unequal counts.
         mem.enqueue(rows(10 * rank, 2 + rank))
         mem.enqueue(rows(100 + 10 * rank, 2 + rank))
-        results[rank] = (ids(mem), int(mem.ptr), int(mem.filled))
+        results[rank] = (ids(mem), int(mem.ptr), int(mem.filled), mem.modality.tolist())
     finally:
         dist.destroy_process_group()
 
@@ -113,5 +159,5 @@ def test_enqueue_gathers_from_every_worker_in_rank_order(tmp_path):
         results = dict(results)
     # Round 1 gathers [1, 2 | 11, 12, 13] into slots 0-4; round 2 gathers [101, 102 | 111, 112, 113]: three
     # fill slots 5-7 and two wrap to slots 0-1. Both ranks hold the same memory.
-    expected = ([112, 113, 11, 12, 13, 101, 102, 111], 2, 8)
+    expected = ([112, 113, 11, 12, 13, 101, 102, 111], 2, 8, [-1] * 8)  # no ids given: all unknown
     assert results[0] == expected and results[1] == expected

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from mermed.metrics import _RankedColumn, accuracy, auroc, bootstrap_ci
+from mermed.metrics import RankedColumn, accuracy, auroc, bootstrap_ci
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -87,11 +87,11 @@ def test_weighted_auc_matches_sklearn_sample_weight() -> None:
     y = rng.integers(0, 2, 300)
     s = np.round(rng.normal(size=300) + y, 1)
     weights = rng.integers(0, 4, size=(20, 300)).astype(float)  # zeros: rows not drawn
-    got = _RankedColumn(y == 1, s).auc(weights)
+    got = RankedColumn(y == 1, s).auc(weights)
     expected = [roc_auc_score(y, s, sample_weight=w) for w in weights]
     np.testing.assert_allclose(got, expected, atol=1e-12)
     only_negatives = np.where(y == 1, 0.0, 1.0)[None, :]
-    assert np.isnan(_RankedColumn(y == 1, s).auc(only_negatives)[0])
+    assert np.isnan(RankedColumn(y == 1, s).auc(only_negatives)[0])
 
 
 @pytest.mark.parametrize(

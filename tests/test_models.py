@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from mermed.models import (
     ENCODER_FORMAT,
-    DINOHead,
     MultiCropEncoder,
+    ProjectionHead,
     build_backbone,
     export_encoder,
     load_encoder,
@@ -40,7 +40,7 @@ def test_unknown_backbone_is_a_clear_error():
 
 def test_head_normalises_embedding_and_fixes_prototype_norms():
     torch.manual_seed(0)
-    head = DINOHead(192, 50, hidden=64, bottleneck=16)
+    head = ProjectionHead(192, prototypes=50, hidden=64, bottleneck=16)
     logits, emb = head(torch.randn(7, 192) * 10)
     assert logits.shape == (7, 50) and emb.shape == (7, 16)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(7))
@@ -53,7 +53,7 @@ def test_head_normalises_embedding_and_fixes_prototype_norms():
 
 def test_multicrop_encoder_concatenates_in_view_order_with_one_call_per_resolution(backbone):
     torch.manual_seed(1)
-    enc = MultiCropEncoder(backbone, DINOHead(192, 20, hidden=32, bottleneck=8)).eval()
+    enc = MultiCropEncoder(backbone, ProjectionHead(192, prototypes=20, hidden=32, bottleneck=8)).eval()
     views = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)] + [torch.randn(2, 3, 16, 16) for _ in range(3)]
     calls = []
     hook = backbone.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
@@ -71,11 +71,19 @@ def test_multicrop_encoder_concatenates_in_view_order_with_one_call_per_resoluti
 
 def test_export_then_load_gives_the_same_encoder(backbone, tmp_path):
     path = tmp_path / "enc" / "encoder.safetensors"
-    info = export_encoder(backbone, path, model_name=TINY, img_size=32)
+    norm = {"CT": {"mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2, 0.2]}}
+    info = export_encoder(backbone, path, model_name=TINY, img_size=32, normalization=norm)
     meta = json.loads((path.parent / "encoder.json").read_text())
-    assert meta == {"model_name": TINY, "img_size": 32, "embed_dim": 192, "format": ENCODER_FORMAT}
+    assert meta == {
+        "model_name": TINY,
+        "img_size": 32,
+        "embed_dim": 192,
+        "format": ENCODER_FORMAT,
+        "normalization": norm,
+    }
     loaded, loaded_info = load_encoder(path)
-    assert loaded_info == info
+    assert loaded_info == info and loaded_info.mean_std("CT") == ([0.3] * 3, [0.2] * 3)
+    assert loaded_info.mean_std("MR") is None  # never seen: the caller falls back to ImageNet's
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), backbone(x), atol=0, rtol=0)
@@ -105,3 +113,12 @@ def test_load_encoder_needs_its_json(backbone, tmp_path):
     (tmp_path / "encoder.json").unlink()
     with pytest.raises(ValueError, match="encoder.json is missing"):
         load_encoder(path)
+
+
+def test_published_head_has_batch_norm_and_no_prototypes():
+    head = ProjectionHead(192, bottleneck=16, hidden=32, batch_norm=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    logits, emb = head(torch.randn(5, 192))
+    assert logits is None and head.last_layer is None
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5))

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mermed.config import ConfigError, ProbeTasksFile, ProbeTrainConfig, load_config, parse_config
+from ingest.config import ConfigError, load_config, parse_config
 from mermed.metrics import auroc
-from mermed.probe import (
+from mermed.probe.config import ProbeTasksFile, ProbeTrainConfig
+from mermed.probe.heads import (
     LinearProbe,
     MLPProbe,
     build_probe,

@@ -20,22 +20,15 @@ import yaml
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from ingest.config import parse_config
 from ingest.schema import ROW_SCHEMA, encode_image
-from mermed.config import ProbeConfig, parse_config
 from mermed.metrics import bootstrap_ci, mean_bootstrap_ci
 from mermed.models import build_backbone, export_encoder
-from pipelines.probe import (
-    FEATURES_FILE,
-    FEATURES_JSON,
-    SUMMARY_COLUMNS,
-    Fit,
-    ProbeError,
-    extract_features,
-    inspect_task,
-    load_encoders,
-    run_probe,
-    summarize,
-)
+from mermed.probe import Fit, ProbeError, extract_features, inspect_task, load_encoders, summarize
+from mermed.probe.config import ProbeConfig
+from mermed.probe.features import FEATURES_FILE, FEATURES_JSON, actor_pool
+from mermed.probe.report import SUMMARY_COLUMNS
+from pipelines.probe import run_probe
 
 MODEL, SIZE = "vit_tiny_patch16_224", 32
 CFG = parse_config(
@@ -209,7 +202,7 @@ def test_features_are_cached_and_split_by_patient(job, encoder_file) -> None:
 
 
 def _task(data: Path, **kw):
-    from mermed.config import ProbeTask
+    from mermed.probe.config import ProbeTask
 
     return ProbeTask(**{"name": "t", "data": str(data), "type": "binary", **kw})
 
@@ -273,7 +266,7 @@ def test_encoder_of_another_architecture_fails_before_compute(tmp_path: Path, en
 
 
 def test_cli_reports_bad_input_without_running(tmp_path: Path, encoder_file: Path) -> None:
-    from mermed.cli import app
+    from pipelines.cli import app
 
     data = write_ingest_output(tmp_path / "data", {k: (s, ["0"] * len(v)) for k, (s, v) in _cohort().items()})
     tasks = _tasks(tmp_path / "tasks.yaml", [{"name": "flat", "data": str(data), "type": "binary"}])
@@ -336,7 +329,7 @@ def test_summary_means_over_label_subsets() -> None:
 
 def test_encoder_and_data_on_s3(s3_bucket: str, tmp_path: Path, encoder_file: Path) -> None:
     """An encoder exported to S3 and labelled shards on S3 are read as they are locally."""
-    from mermed import storage
+    from ingest import storage
 
     fs, _ = storage.filesystem(f"s3://{s3_bucket}")
     fs.put(str(encoder_file.parent) + "/", f"{s3_bucket}/run/", recursive=True)
@@ -351,9 +344,8 @@ def test_encoder_and_data_on_s3(s3_bucket: str, tmp_path: Path, encoder_file: Pa
 
 def test_encoder_actors_leave_a_cpu_for_reading(ray_session) -> None:
     """An actor pool holding every CPU would starve Ray Data's read tasks: the pool is capped below that."""
-    from mermed.config import ExtractConfig
-    from pipelines.probe import _actor_pool
+    from mermed.probe.config import ExtractConfig
 
-    assert _actor_pool(ExtractConfig()) == (1, 0.0)  # 2 CPUs: one actor
-    assert _actor_pool(ExtractConfig(actors=2)) == (1, 0.0)
-    assert _actor_pool(ExtractConfig(actors=4, cpus_per_actor=0.5)) == (2, 0.0)
+    assert actor_pool(ExtractConfig()) == (1, 0.0)  # 2 CPUs: one actor
+    assert actor_pool(ExtractConfig(actors=2)) == (1, 0.0)
+    assert actor_pool(ExtractConfig(actors=4, cpus_per_actor=0.5)) == (2, 0.0)

@@ -22,8 +22,8 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ingest import dicom, image, npz, wsi
+from ingest.config import IngestConfig
 from ingest.schema import DecodeError, Image, InputError
-from mermed.config import IngestConfig
 
 PHI = ("Doe^Jane", "19700101", "St Elsewhere")
 

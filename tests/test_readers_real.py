@@ -6,8 +6,8 @@ import numpy as np
 import openslide
 
 from ingest import image, wsi
+from ingest.config import IngestConfig
 from ingest.schema import InputError
-from mermed.config import IngestConfig
 
 CFG = IngestConfig(wsi={"max_tiles_per_slide": 12, "min_tissue": 0.5})
 

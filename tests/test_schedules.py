@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from mermed.config import PretrainConfig, parse_config
+from ingest.config import parse_config
+from mermed.config import PretrainConfig
 from mermed.schedules import Schedules, cosine_schedule
 
 
@@ -53,7 +54,7 @@ def test_schedules_from_config():
     last = 1e-6 + 0.5 * (peak - 1e-6) * (1 + math.cos(math.pi * 89 / 90))  # 90 cosine steps, the last is i=89
     assert s.lr[-1] == pytest.approx(last) and np.all(np.diff(s.lr[10:]) < 0)
     assert s.wd[0] == pytest.approx(0.04) and s.wd[-1] == pytest.approx(0.4, rel=1e-3)
-    assert s.momentum[0] == pytest.approx(0.996) and 0.9999 < s.momentum[-1] <= 1.0
+    assert s.momentum[0] == pytest.approx(0.9995) and 0.99999 < s.momentum[-1] <= 1.0  # the published default
     np.testing.assert_allclose(s.teacher_temp[:30], np.linspace(0.04, 0.07, 30))
     assert np.all(s.teacher_temp[30:] == 0.07)
     at = s.at(29)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mermed.config import ProbeTrainConfig
 from mermed.metrics import TASKS, Task, auroc
+from mermed.probe.config import ProbeTrainConfig
 
 Report = Callable[[int, dict[str, float]], None]
 

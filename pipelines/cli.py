@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from mermed.config import ConfigError, IngestConfig, load_config, parse_config
+from ingest.config import ConfigError, IngestConfig, load_config, parse_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("mermed")
@@ -94,6 +94,13 @@ def pretrain(
     gpus: Annotated[bool, typer.Option("--gpus", help="one GPU per worker")] = False,
     include_test: Annotated[bool, typer.Option("--include-test", help="also train on rows of the test split")] = False,
     max_failures: Annotated[int, typer.Option(help="worker-group restarts before the run fails")] = 3,
+    monitor: Annotated[
+        Path | None,
+        typer.Option(help="probe task YAML: kNN accuracy/AUROC of the teacher at step 0 and every checkpoint"),
+    ] = None,
+    init: Annotated[
+        Path | None, typer.Option(help="backbone weights to start from (sets model.init; ignored on resume)")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Self-supervised MerMED-FM pretraining (DINO + memory) on Ray Train."""
@@ -102,7 +109,11 @@ def pretrain(
     from pipelines.common import init_ray, setup_logging
 
     setup_logging(verbose)
-    overrides = {"run.steps": steps} if steps else {}
+    overrides: dict = {"run.steps": steps} if steps else {}
+    if init:
+        if not init.is_file():
+            _fail(f"--init {init}: no such file")
+        overrides["model.init"] = str(init.resolve())  # the workers run in another directory
     try:
         cfg = load_config(PretrainConfig, config, overrides)
     except (ConfigError, OSError) as err:
@@ -122,6 +133,7 @@ def pretrain(
             use_gpu=gpus,
             include_test=include_test,
             max_failures=max_failures,
+            monitor=monitor,
         )
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
@@ -144,7 +156,7 @@ def probe(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Frozen-encoder probes: features on Ray Data, Ray Tune sweeps, test AUROC with CIs, MLflow."""
-    from mermed.config import ProbeConfig
+    from mermed.probe.config import ProbeConfig
     from mermed.tracking import ui_command
     from pipelines.common import setup_logging
     from pipelines.probe import run_probe

@@ -1,0 +1,89 @@
+"""A run's checkpoints in storage (local or s3://): resuming from the newest one that loads, exporting the encoder.
+
+Ray Train writes each checkpoint as ``STORAGE/RUN/checkpoint_<time>/state/`` (``mermed.train.save_checkpoint``'s
+files); this module reads them with fsspec alone, so the same fall-back serves a Ray Train worker and a bare loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from ingest import storage
+from mermed.config import PretrainConfig
+from mermed.models import build_backbone, export_encoder
+from mermed.train import STATE_FILE, TrainState, load_checkpoint
+
+log = logging.getLogger("mermed.checkpoints")
+
+CHECKPOINT_DIR = "state"  # inside each Ray Train checkpoint folder
+ENCODER_FILE = "encoder.safetensors"
+
+
+def checkpoint_candidates(run_uri: str, latest: str | None = None) -> list[str]:
+    """``latest`` (Ray Train's own view of the newest checkpoint) first, then the run's others, newest first."""
+    fs, root = storage.filesystem(run_uri)
+    found = []
+    if fs.exists(root):
+        found = sorted((p for p in fs.glob(posixpath.join(root, "checkpoint_*")) if fs.isdir(p)), reverse=True)
+    ordered = [latest] if latest else []
+    return ordered + [p for p in found if not latest or posixpath.normpath(p) != posixpath.normpath(latest)]
+
+
+def _load_from(state: TrainState, fs, path: str) -> None:
+    state_dir = posixpath.join(path, CHECKPOINT_DIR)
+    if not storage.is_remote(state_dir) and os.path.isdir(state_dir):
+        load_checkpoint(state, state_dir)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get(state_dir + "/", tmp, recursive=True)
+        load_checkpoint(state, tmp)
+
+
+def restore_newest(state: TrainState, run_uri: str, latest: str | None = None) -> str | None:
+    """Load the newest checkpoint that loads into ``state``; a corrupt or truncated one is skipped with a warning.
+    Returns the checkpoint's path, or None when the run has none (a fresh start)."""
+    fs, _ = storage.filesystem(run_uri)
+    for path in checkpoint_candidates(run_uri, latest):
+        try:
+            _load_from(state, fs, path)
+            return path
+        except Exception as err:  # noqa: BLE001 - fall back to the previous checkpoint, whatever broke this one
+            log.warning(
+                "checkpoint %s cannot be loaded (%s: %s); trying the previous one",
+                posixpath.basename(path),
+                type(err).__name__,
+                err,
+            )
+    return None
+
+
+def export_teacher(
+    state_dir: str | Path, cfg: PretrainConfig, run_uri: str, normalization: dict[str, dict[str, list[float]]]
+) -> str:
+    """The teacher backbone of a checkpoint's ``state/`` folder as ``RUN/encoder.safetensors`` + ``encoder.json``
+    (which records the per-modality ``normalization`` the run trained with)."""
+    tensors = load_file(str(Path(state_dir) / STATE_FILE))
+    prefix = "teacher/backbone."
+    backbone = build_backbone(cfg.model.name, cfg.crops.global_size)
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    fs, root = storage.filesystem(run_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_encoder(
+            backbone,
+            Path(tmp) / ENCODER_FILE,
+            model_name=cfg.model.name,
+            img_size=cfg.crops.global_size,
+            normalization=normalization,
+        )
+        for name in os.listdir(tmp):
+            fs.put(os.path.join(tmp, name), posixpath.join(root, name))
+    return storage.join(run_uri, ENCODER_FILE)
+
+
+__all__ = ["CHECKPOINT_DIR", "ENCODER_FILE", "checkpoint_candidates", "export_teacher", "restore_newest"]

@@ -1,0 +1,203 @@
+"""Features, computed once per (encoder, dataset): a Ray Data actor pool embeds the labelled rows and caches them
+as Parquet beside a JSON naming the weights' and the shards' hashes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ingest.schema import SPLITS
+from mermed.data import decode_square
+from mermed.models import build_backbone, embed_dim_of
+from mermed.normalize import modality_mean_std
+from mermed.probe.config import (
+    ExtractConfig,
+)
+from mermed.probe.encoders import Encoder
+from mermed.probe.heads import encode_labels
+from mermed.probe.tasks import META_COLUMNS, ProbeError, TaskData, labelled_mask, patient_groups
+
+log = logging.getLogger("mermed.probe")
+
+FEATURES_FILE = "features.parquet"
+FEATURES_JSON = "features.json"
+
+
+class EncoderActor:
+    """Ray Data actor: holds the frozen encoder; labelled shard rows in, embeddings plus metadata out."""
+
+    def __init__(
+        self, model_name: str, img_size: int, weights: list, label: str, precision: str, normalization: dict
+    ) -> None:
+        import ray
+
+        from mermed.train import autocast_dtype
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = build_backbone(model_name, img_size)
+        model.load_state_dict(ray.get(weights[0]), strict=True)  # the ref is wrapped so that Ray passes it as is
+        self.model = model.to(self.device).eval()
+        self.img_size, self.label = img_size, label
+        self.embed_dim = embed_dim_of(model)
+        self.amp = autocast_dtype(precision, self.device)
+        self.normalization = normalization
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        batch = batch.filter(labelled_mask(batch[self.label]))
+        images = batch["image"].to_pylist()
+        if images:
+            pixels = torch.from_numpy(np.stack([decode_square(b, self.img_size) for b in images]))
+            mean, std = modality_mean_std(self.normalization, batch["modality"].to_pylist(), self.device)
+            x = (pixels.to(self.device).permute(0, 3, 1, 2).float() / 255 - mean[:, :, None, None]) / std[
+                :, :, None, None
+            ]
+            with (
+                torch.inference_mode(),
+                torch.autocast(self.device.type, self.amp, enabled=self.amp is not None),
+            ):
+                emb = self.model(x).float().cpu().numpy()
+        else:
+            emb = np.zeros((0, self.embed_dim), np.float32)
+        columns = [
+            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.embed_dim),
+            pc.cast(batch[self.label], pa.string()),
+            *(pc.cast(batch[c], pa.string()) for c in META_COLUMNS),  # frame (int32) too
+        ]
+        return pa.Table.from_arrays(columns, schema=features_schema(self.embed_dim))
+
+
+def features_schema(embed_dim: int) -> pa.Schema:
+    """The cached features: one fixed-size float32 embedding per labelled row, with what the probes need."""
+    return pa.schema(
+        [("embedding", pa.list_(pa.float32(), embed_dim)), ("label", pa.string())]
+        + [(c, pa.string()) for c in META_COLUMNS]
+    )
+
+
+def actor_pool(cfg: ExtractConfig) -> tuple[int, float]:
+    """(actors, GPUs per actor): one actor per GPU when the cluster has GPUs, else one per 2 CPUs.
+
+    Actors never take every CPU: Ray Data's read tasks need one, and without it the pipeline stalls.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 1)
+    limit = max(1, int((cpus - 1) // cfg.cpus_per_actor))
+    if gpus:
+        limit = min(limit, gpus)
+    actors = cfg.actors or (gpus if gpus else max(1, int(cpus) // 2))
+    if actors > limit:
+        log.warning("features: %d encoder actors do not fit this cluster; using %d", actors, limit)
+    return min(actors, limit), 1.0 if gpus else 0.0
+
+
+def features_dir(output: str | Path, encoder: Encoder, data: TaskData) -> Path:
+    return Path(output) / "features" / encoder.tag / data.key
+
+
+def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: ExtractConfig) -> tuple[Path, bool]:
+    """Embeddings of a task's labelled rows under ``encoder``; returns (cache dir, True when it was reused).
+
+    The parquet is written beside the cache and moved into place, and the JSON goes last: a cache without
+    its JSON, or with a JSON naming other weights or another ingest, is extracted again.
+    """
+    import pyarrow.parquet as pq
+    import ray
+
+    from mermed.data import open_shards
+
+    out = features_dir(output, encoder, data)
+    expected = {"encoder": encoder.fingerprint, "data": data.identity}
+    meta_path = out / FEATURES_JSON
+    if meta_path.is_file() and (out / FEATURES_FILE).is_file():
+        meta = json.loads(meta_path.read_text())
+        if {k: meta.get(k) for k in expected} == expected:
+            log.info("features: reusing %s/%s for task %s", encoder.tag, data.key, data.task.name)
+            return out, True
+    task = data.task
+    actors, gpus = actor_pool(cfg)
+    log.info("features: extracting task %s with encoder %s on %d actor(s)", task.name, encoder.tag, actors)
+    started = time.perf_counter()
+    ds = open_shards(
+        [task.data],
+        splits=SPLITS,
+        modality=task.modality,
+        columns=list(dict.fromkeys(["image", task.label, *META_COLUMNS])),
+    )
+    ds = ds.map_batches(
+        EncoderActor,
+        fn_constructor_kwargs={
+            "model_name": encoder.model_name,
+            "img_size": encoder.img_size,
+            "weights": [ray.put(encoder.weights)],
+            "label": task.label,
+            "precision": cfg.precision,
+            "normalization": encoder.normalization,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=gpus,
+        num_cpus=cfg.cpus_per_actor,
+    )
+    staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    rows = 0
+    try:
+        schema = features_schema(encoder.embed_dim)
+        with pq.ParquetWriter(staging / FEATURES_FILE, schema, compression="zstd") as writer:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                writer.write_table(batch.cast(schema))
+                rows += batch.num_rows
+        expected_rows = sum(data.counts.values())
+        if rows != expected_rows:
+            raise ProbeError(f"task {task.name}: extracted {rows} rows but found {expected_rows}; did the data change?")
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    meta = {
+        **expected,
+        "encoder_tag": encoder.tag,
+        "model_name": encoder.model_name,
+        "img_size": encoder.img_size,
+        "embed_dim": encoder.embed_dim,
+        "rows": rows,
+        "seconds": round(seconds, 3),
+    }
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("features: %d rows of task %s in %.1f s", rows, task.name, seconds)
+    return out, False
+
+
+@dataclass
+class Features:
+    """A task's embeddings with targets encoded against the task's classes, split by split."""
+
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    groups: dict[str, np.ndarray]
+
+
+def load_features(path: Path, data: TaskData) -> Features:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path / FEATURES_FILE)
+    emb = table["embedding"].combine_chunks()
+    x = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), -1).astype(np.float32, copy=False)
+    split = np.asarray(table["split"].to_pylist(), dtype=object)
+    y, _ = encode_labels(table["label"].to_pylist(), data.task.type, classes=data.classes)
+    groups = patient_groups(*(table[c].to_pylist() for c in ("patient_id", "source", "split", "frame")))
+    return Features(*({s: a[split == s] for s in SPLITS} for a in (x, y, groups)))

@@ -1,0 +1,56 @@
+"""What several test modules share: the tiny pretraining config and a CPU process group."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ingest.config import parse_config
+from mermed.config import PretrainConfig
+
+# ViT-Tiny at 32/16 px with a small head and a 32-row memory: a CPU step takes ~0.1 s.
+TINY = {
+    "model": {"name": "vit_tiny_patch16_224", "out_dim": 64, "bottleneck": 16, "hidden": 32, "drop_path": 0.1},
+    "crops": {"n_global": 2, "n_local": 2, "global_size": 32, "local_size": 16, "decode_size": 40},
+    "loss": {"warmup_teacher_temp_steps": 3},
+    "memory": {"size": 32, "n_blocks": 4},
+    "optim": {"batch_size_per_worker": 4, "base_lr": 5e-3, "warmup_steps": 2, "freeze_last_layer_steps": 1},
+    "run": {"steps": 10, "seed": 0, "precision": "fp32", "cpus_per_worker": 0.5},
+    "tracking": {"experiment": "mermed-pretrain-test"},
+}
+
+
+def tiny_config(**overrides: Any) -> PretrainConfig:
+    """The tiny config with overrides: a section name maps to a dict merged into it (``optim={"lr": ...}``),
+    a dotted name sets one field (``**{"run.steps": 4}``)."""
+    data = {section: dict(values) for section, values in TINY.items()}
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[section] = {**data.get(section, {}), **value}
+    return parse_config(PretrainConfig, data)
+
+
+def _ddp_entry(rank: int, fn: Callable[..., Any], world_size: int, init_file: str, results, args: tuple) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        results[rank] = fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` CPU processes joined by gloo; their (picklable)
+    results in rank order. ``fn`` must be a module-level function."""
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        results = manager.dict()
+        init_file = os.path.join(tmp, "init")
+        mp.spawn(_ddp_entry, args=(fn, world_size, init_file, results, args), nprocs=world_size, join=True)
+        return [results[rank] for rank in range(world_size)]
