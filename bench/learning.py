@@ -128,9 +128,13 @@ def main() -> None:
     sets = ingest_sets(work)
     monitor_tasks = write_tasks(sets, work / "tasks.yaml")
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows: dict[str, dict[str, list[float]]] = {name: {"random": [], "pretrained": []} for name in sets}
-    minutes = []
+    # Each seed's results are kept in WORK/learning.json as it finishes: a later call with more seeds adds only
+    # the new ones (a finished pretraining run would resume at its last step and time nothing).
+    record_path = work / "learning.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
     for seed in seeds:
+        if str(seed) in record:
+            continue
         overrides = {"run.seed": seed} | ({"run.steps": args.steps} if args.steps else {})
         cfg = load_config(PretrainConfig, args.config, overrides)
         started = time.perf_counter()
@@ -140,28 +144,32 @@ def main() -> None:
             str(work / "runs"),
             f"cpu-seed{seed}",
             monitor=monitor_tasks,
-            monitor_settings=KnnSettings(train_rows=600, eval_rows=300),
+            monitor_settings=KnnSettings(train_rows=400, eval_rows=200),
         )
-        minutes.append((time.perf_counter() - started) / 60)
-        print(f"seed {seed}: pretrained {result.steps} steps in {minutes[-1]:.1f} min", file=sys.stderr)
+        minutes = (time.perf_counter() - started) / 60
+        print(f"seed {seed}: pretrained {result.steps} steps in {minutes:.1f} min", file=sys.stderr)
         encoders = load_encoders(result.encoder_uri, ["random"], baseline_seed=1000 + seed)
+        scores: dict[str, dict[str, float]] = {}
         for name, (shards, modality, n_classes) in sets.items():
             kind = "binary" if n_classes == 2 else "multiclass"
             data = inspect_task(ProbeTask(name=name, data=shards, type=kind, modality=modality))
             for enc in encoders:
                 path, _ = extract_features(enc, data, work / f"features-seed{seed}", ExtractConfig(batch_size=128))
                 score = probe_auroc(load_features(path, data), kind, n_classes)
-                rows[name][enc.tag].append(score)
+                scores.setdefault(name, {})[enc.tag] = score
                 print(f"seed {seed} {name} {enc.tag}: test AUROC {score:.3f}", file=sys.stderr)
-    print(table(sets, rows, seeds, minutes))
-    (work / "learning.json").write_text(json.dumps({"rows": rows, "minutes": minutes, "seeds": seeds}, indent=1))
+        record[str(seed)] = {"minutes": minutes, "steps": result.steps, "auroc": scores}
+        record_path.write_text(json.dumps(record, indent=1))
+    print(table(sets, {s: record[str(s)] for s in seeds}))
 
 
 def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
-def table(sets: dict, rows: dict, seeds: list[int], minutes: list[float]) -> str:
+def table(sets: dict, runs: dict[int, dict]) -> str:
+    """The learning table: per set, the raw-pixel floor, and random init and pretrained over the seeds."""
+    minutes = statistics.mean(r["minutes"] for r in runs.values())
     lines = [
         "| task | modality | raw-pixel LR | random init | pretrained | difference | seeds | pretraining min |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -169,12 +177,13 @@ def table(sets: dict, rows: dict, seeds: list[int], minutes: list[float]) -> str
     diffs = []
     for name, (_, modality, n_classes) in sets.items():
         raw = raw_pixel_auroc(LABELLED / f"{name}.npz", "binary" if n_classes == 2 else "multiclass")
-        rand, pre = rows[name]["random"], rows[name]["pretrained"]
+        rand = [r["auroc"][name]["random"] for r in runs.values()]
+        pre = [r["auroc"][name]["pretrained"] for r in runs.values()]
         diff = [p - r for p, r in zip(pre, rand, strict=True)]
         diffs.append(statistics.mean(diff))
         lines.append(
             f"| {name} | {modality} | {raw:.3f} | {_spread(rand)} | {_spread(pre)} | {_spread(diff)} | "
-            f"{len(seeds)} | {statistics.mean(minutes):.1f} |"
+            f"{len(runs)} | {minutes:.1f} |"
         )
     lines.append(f"\nmean difference over the {len(sets)} sets: {statistics.mean(diffs):+.3f}")
     return "\n".join(lines)

@@ -567,7 +567,7 @@ def run_ingest(
             "rows": sum(modalities.values()),
             "modalities": dict(sorted(modalities.items())),
             "splits": {m: {sp: n for (mm, sp), n in sorted(splits.items()) if mm == m} for m in sorted(modalities)},
-            "pixel_moments": {m: asdict(v) for m, v in sorted(moments.items())},
+            "pixel_moments": {m: v.to_manifest() for m, v in sorted(moments.items())},
             "bytes": writer.bytes,
             "shards": writer.written,
             "labels_unmatched": unmatched,

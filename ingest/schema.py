@@ -151,6 +151,14 @@ class PixelMoments:
             self.pixels + other.pixels,
         )
 
+    def to_manifest(self) -> dict:
+        """Plain JSON values (the manifest in memory equals the one read back)."""
+        return {
+            "total": [float(x) for x in self.total],
+            "squares": [float(x) for x in self.squares],
+            "pixels": self.pixels,
+        }
+
     def mean_std(self) -> tuple[list[float], list[float]]:
         mean = np.asarray(self.total) / max(self.pixels, 1)
         var = np.asarray(self.squares) / max(self.pixels, 1) - mean**2

@@ -194,6 +194,8 @@ def demo(
     result = run_demo(workdir, steps=steps, per_class=per_class)
     typer.echo("\nTest AUROC per modality (binary finding vs none; MLP/linear probe on the frozen encoder):\n")
     typer.echo(result.table)
+    typer.echo("\nkNN AUROC of the teacher during pretraining (step 0 = the random initialisation):\n")
+    typer.echo(result.knn_curves)
     typer.echo(f"\nsummary table: {result.summary_csv} (and summary.md beside it)")
     typer.echo(f"encoder:       {result.encoder}")
     typer.echo(f"MLflow:        {ui_command(result.tracking_uri)}")

@@ -38,6 +38,7 @@ class DemoResult:
     summary_csv: Path
     encoder: str
     tracking_uri: str
+    knn_curves: str  # the pretraining monitor's kNN AUROC per task, from step 0 to the last checkpoint
 
 
 def _stage(name: str, fn: Callable[[], T]) -> T:
@@ -131,6 +132,22 @@ def _table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _knn_curves(uri: str, run_dir: Path) -> str:
+    """One line per monitored task: its kNN AUROC at step 0 (random init) and at each checkpoint."""
+    import mlflow
+
+    from mermed.tracking import RUN_FILE
+
+    run_id = json.loads((run_dir / RUN_FILE).read_text())["run_id"]
+    client = mlflow.MlflowClient(uri)
+    lines = []
+    for key in sorted(k for k in client.get_run(run_id).data.metrics if k.startswith("knn_auroc/")):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        curve = " -> ".join(f"{m.value:.3f} (step {m.step})" for m in history)
+        lines.append(f"{key.split('/', 1)[1]:<16}{curve}")
+    return "\n".join(lines)
+
+
 def run_demo(workdir: str | Path = "demo_work", *, steps: int | None = None, per_class: int = 32) -> DemoResult:
     import ray
 
@@ -168,18 +185,6 @@ def run_demo(workdir: str | Path = "demo_work", *, steps: int | None = None, per
         "ingest: %d files -> %d rows %s; %d quarantined", m["discovered"], m["rows"], m["modalities"], m["quarantined"]
     )
 
-    overrides = {"tracking.mlflow_uri": uri} | ({"run.steps": steps} if steps else {})
-    pretrain_cfg = load_config(PretrainConfig, PRETRAIN_CONFIG, overrides)
-    runs = workdir / "runs"
-    encoder = runs / "demo" / ENCODER_FILE
-    if not encoder.exists():
-        _stage(
-            "3/4 pretrain (Ray Train)",
-            lambda: run_pretrain(pretrain_cfg, [str(shards)], str(runs), "demo", workers=1, workdir=str(workdir)),
-        )
-    else:
-        log.info("== 3/4 pretrain: %s exists; reusing it", encoder)
-
     tasks = workdir / "tasks.yaml"
     tasks.write_text(
         yaml.safe_dump(
@@ -192,6 +197,20 @@ def run_demo(workdir: str | Path = "demo_work", *, steps: int | None = None, per
             }
         )
     )
+    overrides = {"tracking.mlflow_uri": uri} | ({"run.steps": steps} if steps else {})
+    pretrain_cfg = load_config(PretrainConfig, PRETRAIN_CONFIG, overrides)
+    runs = workdir / "runs"
+    encoder = runs / "demo" / ENCODER_FILE
+    if not encoder.exists():
+        _stage(
+            "3/4 pretrain (Ray Train)",
+            lambda: run_pretrain(
+                pretrain_cfg, [str(shards)], str(runs), "demo", workers=1, workdir=str(workdir), monitor=tasks
+            ),
+        )
+    else:
+        log.info("== 3/4 pretrain: %s exists; reusing it", encoder)
+
     probe_cfg = load_config(ProbeConfig, PROBE_CONFIG, {"tracking.mlflow_uri": uri})
     probe_out = workdir / "probe"
     done = probe_out / "demo_table.json"
@@ -210,4 +229,4 @@ def run_demo(workdir: str | Path = "demo_work", *, steps: int | None = None, per
         )
         table = _table(result.summary)
         done.write_text(json.dumps({"inputs": inputs.hexdigest(), "table": table}) + "\n")
-    return DemoResult(table, probe_out / "summary.csv", str(encoder), uri)
+    return DemoResult(table, probe_out / "summary.csv", str(encoder), uri, _knn_curves(uri, runs / "demo"))

@@ -32,6 +32,8 @@ def test_demo_prints_an_auroc_table_for_every_modality_and_a_second_run_reuses_e
             assert 0 <= float(auroc) <= 1
             if lo:
                 assert 0 <= float(lo) <= float(auroc) <= float(hi) <= 1
+    curves = first.knn_curves.splitlines()
+    assert len(curves) == len(MODALITY_ORDER) and all("(step 0)" in line for line in curves)
     assert first.summary_csv.exists() and Path(first.encoder).exists()
     assert first.tracking_uri == f"sqlite:///{workdir}/mlflow.db"
 
