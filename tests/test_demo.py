@@ -11,7 +11,8 @@ import pytest
 
 from pipelines.demo import MODALITY_ORDER, run_demo
 
-pytestmark = pytest.mark.slow
+# Two whole demo runs: about 8 minutes on 2 quiet cores, more on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 # The bootstrap has no interval where a tiny test set leaves too few two-class resamples.
 AUROC_CELL = re.compile(r"(\d\.\d{3}) \[(?:(\d\.\d\d), (\d\.\d\d)|no CI: few patients)\]")
 
