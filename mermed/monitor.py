@@ -26,12 +26,12 @@ from torch import nn
 from ingest import storage
 from ingest.config import load_config
 from mermed.config import PretrainConfig
-from mermed.data import decode_square, shard_uris
+from mermed.data import decode_square
 from mermed.metrics import accuracy, auroc
 from mermed.normalize import Normalization, modality_mean_std
 from mermed.probe.config import ProbeTask, ProbeTasksFile
 from mermed.probe.heads import encode_labels
-from mermed.probe.tasks import labelled_mask
+from mermed.probe.tasks import labelled_mask, task_shards
 
 log = logging.getLogger("mermed.monitor")
 
@@ -95,16 +95,7 @@ class _Selection:
 def _select(task: ProbeTask, settings: KnnSettings) -> _Selection:
     """The rows a task is scored on, from its label and split columns alone (no image is read)."""
     name = f"monitor task {task.name}"
-    try:
-        uris = shard_uris([task.data], task.modality)
-    except (FileNotFoundError, KeyError) as err:
-        raise MonitorError(f"{name}: {err}") from None
-    if not uris:
-        raise MonitorError(f"{name}: no shards{f' of modality {task.modality}' if task.modality else ''} in its data")
-    fs, _ = storage.filesystem(uris[0])
-    dataset = pads.dataset(
-        [storage.filesystem(u)[1] for u in uris], filesystem=storage.arrow_filesystem(fs), format="parquet"
-    )
+    dataset = task_shards(task, name, MonitorError)
     if task.label not in dataset.schema.names:
         raise MonitorError(f"{name}: the shards have no column {task.label}")
     table = dataset.to_table(columns=list(dict.fromkeys([task.label, "split", "modality"])))

@@ -85,22 +85,31 @@ def _data_uri(data: str) -> str:
     return data if storage.is_remote(data) else str(Path(data).resolve())
 
 
-def inspect_task(task: ProbeTask) -> TaskData:
-    """Read the label, split and patient columns (no images) and reject a task that cannot be probed."""
+def task_shards(task: ProbeTask, name: str, error: type[ValueError] = ProbeError):
+    """The task's committed shards (of its modality) as one pyarrow dataset, for reading columns without images;
+    ``error`` names ``name`` when there are none."""
     import pyarrow.dataset as pads
 
+    try:
+        uris = shard_uris([task.data], task.modality)
+    except (FileNotFoundError, KeyError) as err:
+        raise error(f"{name}: {err}") from None
+    if not uris:
+        raise error(f"{name}: no shards{f' of modality {task.modality}' if task.modality else ''} in its data")
+    fs, _ = storage.filesystem(uris[0])
+    return pads.dataset(
+        [storage.filesystem(u)[1] for u in uris], filesystem=storage.arrow_filesystem(fs), format="parquet"
+    )
+
+
+def inspect_task(task: ProbeTask) -> TaskData:
+    """Read the label, split and patient columns (no images) and reject a task that cannot be probed."""
     name = f"task {task.name}"
     try:
         manifest = read_manifest(task.data)
-        uris = shard_uris([task.data], task.modality)
-    except (FileNotFoundError, KeyError) as err:
+    except FileNotFoundError as err:
         raise ProbeError(f"{name}: {err}") from None
-    if not uris:
-        raise ProbeError(f"{name}: no shards{f' of modality {task.modality}' if task.modality else ''} in its data")
-    fs, _ = storage.filesystem(uris[0])
-    dataset = pads.dataset(
-        [storage.filesystem(u)[1] for u in uris], filesystem=storage.arrow_filesystem(fs), format="parquet"
-    )
+    dataset = task_shards(task, name)
     missing = sorted({task.label, *META_COLUMNS} - set(dataset.schema.names))
     if missing:
         raise ProbeError(f"{name}: the shards have no column {', '.join(missing)}")
