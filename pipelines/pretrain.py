@@ -165,7 +165,9 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         host, modality, counts, epochs = prefetch.get(state.step)
         data_wait = time.perf_counter() - started
-        done = state.step + 1
+        step = state.step + 1  # the step count once this step is taken
+        logged = step % cfg.run.log_every == 0 or step == cfg.run.steps
+        checkpointed = step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps
         metrics = batch_step(
             state,
             crops,
@@ -174,22 +176,15 @@ def train_loop_per_worker(config: dict) -> None:
             config["normalization"],
             rank=rank,
             world_size=world,
-            monitors=done % cfg.run.log_every == 0 or done % cfg.run.checkpoint_every == 0 or done == cfg.run.steps,
+            monitors=logged or checkpointed,
         )
-        images = host["pixels"]
-        metrics["images_per_s"] = world * len(images) / (time.perf_counter() - started)
+        metrics["images_per_s"] = world * len(modality) / (time.perf_counter() - started)
         metrics["data_wait_s"] = data_wait  # how long the step waited for its batch
         metrics.update({f"count_{m}": float(n) for m, n in counts.items()})
         metrics.update({f"epoch_{m}": float(e) for m, e in epochs.items()})
-        step = state.step
-        if client is not None and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
-            client.log_batch(
-                run_id,
-                metrics=[
-                    mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step) for k, v in metrics.items()
-                ],
-            )
-        if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
+        if client is not None and logged:
+            _log_metrics(client, run_id, metrics, step)
+        if checkpointed:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:
