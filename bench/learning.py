@@ -100,12 +100,13 @@ def raw_pixel_auroc(npz: Path, task: str) -> float:
     return auroc(y_test, scores[:, 1] if task == "binary" else scores, task)
 
 
-def probe_auroc(features, task: str, n_classes: int) -> float:
-    """The sweep on the train split, picked by validation AUROC, scored once on test."""
+def probe_auroc(features, task: str, n_classes: int, train_rows: np.ndarray | None = None) -> float:
+    """The sweep on the train split (or its ``train_rows``), picked by validation AUROC, scored once on test."""
+    rows = slice(None) if train_rows is None else train_rows
     best = None
     for cfg in SWEEP:
         model, history = fit_probe(
-            features.x["train"], features.y["train"], features.x["val"], features.y["val"], task, cfg,
+            features.x["train"][rows], features.y["train"][rows], features.x["val"], features.y["val"], task, cfg,
             n_classes=n_classes,
         )  # fmt: skip
         val = max(h["val_auroc"] for h in history)

@@ -293,7 +293,7 @@ def bare_loop(
 ) -> tuple[list[float], list[float]]:
     """The Ray worker's loop without Ray, over in-memory numpy; wall and CPU time after each step (index 0 =
     before step 1)."""
-    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))  # as the worker does
+    torch.set_num_threads(cfg.run.torch_threads)  # as the worker does
     device = torch.device("cpu")
     state = build_train_state(cfg, device=device, total_steps=cfg.run.steps)
     per_modality = max(1, cfg.optim.batch_size_per_worker // len(data))
@@ -350,7 +350,7 @@ def bench_steps(shards: str, work: Path, quick: bool, reps: int) -> tuple[Pretra
     data = decoded(shards, cfg.crops.decode_size, TRAIN_SPLITS)
     print(
         f"(b) tiny config, batch {cfg.optim.batch_size_per_worker}, {len(data)} modalities, steps 1-{first} warm-up, "
-        f"{first + 1}-{total} timed; {max(1, int(cfg.run.cpus_per_worker))} torch thread(s) in both loops",
+        f"{first + 1}-{total} timed; {cfg.run.torch_threads} torch thread(s) in both loops",
         flush=True,
     )
     keys = ("bare wall", "bare step", "bare cpu", "ray wall", "ray step", "ray cpu")

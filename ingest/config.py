@@ -8,11 +8,12 @@ pretraining and probe configs (``mermed.config``, ``mermed.probe.config``) build
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ingest.labels import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from ingest.schema import KNOWN_MODALITIES
 
 
@@ -42,6 +43,9 @@ class DicomConfig(StrictModel):
         Window(center=400, width=1800),
     )
     frame_stride: int = Field(default=1, ge=1)  # keep every n-th frame of multi-frame objects
+    # Keep PatientSex and PatientAge binned to decades as row attributes (subgroup metrics). Off by default:
+    # they are quasi-identifiers, to be kept only where the data's governance allows it.
+    demographics: bool = False
     max_frames: int = Field(default=10_000, ge=1)
 
 
@@ -60,6 +64,9 @@ class ImageConfig(StrictModel):
     fundus_crop: bool = True  # crop colour fundus photos to the circular field of view
 
 
+AttributeName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+
+
 class IngestConfig(StrictModel):
     dataset: str = "default"
     modality: Literal[("auto", *KNOWN_MODALITIES)] = "auto"
@@ -70,6 +77,9 @@ class IngestConfig(StrictModel):
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     test_fraction: float = Field(default=0.1, ge=0, lt=1)
     deduplicate: bool = True
+    # Label-CSV columns kept as string row attributes for subgroup metrics (e.g. [sex, age_group, site]); any
+    # other extra column is an error, so that no free-text column reaches the shards unasked.
+    attributes: list[AttributeName] = Field(default=[], max_length=32)
     dicom: DicomConfig = DicomConfig()
     wsi: WsiConfig = WsiConfig()
     image: ImageConfig = ImageConfig()
@@ -78,6 +88,9 @@ class IngestConfig(StrictModel):
     def _fractions(self) -> IngestConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1")
+        taken = sorted(set(self.attributes) & {*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS})
+        if taken:
+            raise ValueError(f"attributes: {', '.join(taken)} are label-CSV columns of their own")
         return self
 
 

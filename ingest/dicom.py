@@ -188,6 +188,29 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return value or None
 
 
+_SEXES = {"M": "M", "F": "F", "O": "O"}
+
+
+def age_decade(age: str | None) -> str | None:
+    """A DICOM Age String (``045Y``, ``006M``, ``003W``, ``010D``) as its decade of years (``40-49``), or None
+    when absent or malformed; ages of 90 and over are one group (``90+``), as HIPAA's safe harbour asks."""
+    if not age or len(age) != 4 or not age[:3].isdigit() or age[3] not in "DWMY":
+        return None
+    years = int(age[:3]) / {"D": 365.25, "W": 52.18, "M": 12, "Y": 1}[age[3]]
+    if years >= 90:
+        return "90+"
+    low = int(years // 10) * 10
+    return f"{low}-{low + 9}"
+
+
+def demographics(ds: Dataset) -> dict[str, str] | None:
+    """PatientSex and the decade of PatientAge as row attributes (``dicom.demographics``); nothing else."""
+    sex = _SEXES.get((_text(ds, "PatientSex") or "").upper())
+    found = {"sex": sex, "age_group": age_decade(_text(ds, "PatientAge"))}
+    kept = {k: v for k, v in found.items() if v}
+    return kept or None
+
+
 def _message(err: Exception) -> str:
     """A library error as one short printable line (it may quote a corrupt header value byte for byte)."""
     return re.sub(r"[^\x20-\x7e]", "?", re.sub(r"\s+", " ", f"{type(err).__name__}: {err}"))[:300]
@@ -230,6 +253,8 @@ def _images(path: str, header: Dataset, frame: int | None, modality: str | None,
         raise InputError(f"DICOM object declares {declared} pixels to decode, above image.max_pixels")
     modality = modality or dicom_modality(ds)
     keys = {"patient_key": _text(ds, "PatientID"), "study_key": _text(ds, "StudyInstanceUID")}
+    if cfg.dicom.demographics:
+        keys["attributes"] = demographics(ds)
     try:
         for index, arr in zip(indices, iter_pixels(ds, indices=indices), strict=True):
             pixels = _to_uint8(arr, _frame_view(ds, index), modality, cfg)

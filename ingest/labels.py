@@ -1,4 +1,4 @@
-"""The optional label CSV (path, label, split, patient_id[, modality]) and the patient-level split.
+"""The optional label CSV (path, label, split, patient_id[, modality], attribute columns) and the patient-level split.
 
 A CSV is checked whole before any file is read, so a malformed one fails at start with its line named.
 Rows without a split get one from a keyed hash of the patient, so no patient ever lands in two splits.
@@ -7,8 +7,10 @@ Rows without a split get one from a keyed hash of the patient, so no patient eve
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ingest.schema import MODALITIES, SPLITS
@@ -27,18 +29,26 @@ class LabelRow:
     split: str | None
     patient_id: str | None
     modality: str | None
+    attributes: tuple[tuple[str, str], ...] = ()  # the non-empty values of the attribute columns
 
 
-def parse_labels(text: str, name: str = "labels") -> dict[str, LabelRow]:
-    """Parse a label CSV into {relative path: LabelRow}; raise LabelFileError on any malformed line."""
+def _attributes(rec: dict[str, str | None], names: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    return tuple((n, v) for n in names if (v := (rec.get(n) or "").strip()))
+
+
+def parse_labels(text: str, name: str = "labels", attributes: Sequence[str] = ()) -> dict[str, LabelRow]:
+    """Parse a label CSV into {relative path: LabelRow}, keeping the ``attributes`` columns; raise LabelFileError
+    on any malformed line or on a column that is neither known nor an attribute."""
     reader = csv.DictReader(io.StringIO(text))
     columns = reader.fieldnames or []
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise LabelFileError(f"{name}: missing column(s) {', '.join(missing)} (have: {', '.join(columns) or 'none'})")
-    unknown = [c for c in columns if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    unknown = [c for c in columns if c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *attributes)]
     if unknown:
-        raise LabelFileError(f"{name}: unknown column(s) {', '.join(unknown)}")
+        raise LabelFileError(
+            f"{name}: unknown column(s) {', '.join(unknown)} (list attribute columns in the config's attributes)"
+        )
     rows: dict[str, LabelRow] = {}
     split_of_patient: dict[str, str] = {}
     for lineno, rec in enumerate(reader, start=2):
@@ -58,11 +68,11 @@ def parse_labels(text: str, name: str = "labels") -> dict[str, LabelRow]:
         patient = (rec.get("patient_id") or "").strip() or None
         if patient and split and split_of_patient.setdefault(patient, split) != split:
             raise LabelFileError(f"{name} line {lineno}: a patient is given two different splits")
-        rows[path] = LabelRow((rec.get("label") or "").strip() or None, split, patient, modality)
+        label = (rec.get("label") or "").strip() or None
+        rows[path] = LabelRow(label, split, patient, modality, _attributes(rec, attributes))
     # rows of a patient without a split inherit the split given for the patient's other rows
     return {
-        p: LabelRow(r.label, r.split or split_of_patient.get(r.patient_id or ""), r.patient_id, r.modality)
-        for p, r in rows.items()
+        p: dataclasses.replace(r, split=r.split or split_of_patient.get(r.patient_id or "")) for p, r in rows.items()
     }
 
 

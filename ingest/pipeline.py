@@ -251,6 +251,12 @@ def _exception_failure(f: InputFile, ctx: ReadContext, stage: str, err: BaseExce
     return _failure(f, ctx, getattr(err, "stage", stage), type(err).__name__, message)
 
 
+def _attributes_json(label: LabelRow | None, img: Image) -> str | None:
+    """The row's attributes as a JSON object (the file's, then the label CSV's, which win), or None."""
+    merged = {**(img.attributes or {}), **dict(label.attributes if label else ())}
+    return json.dumps(merged, sort_keys=True) if merged else None
+
+
 def _row(f: InputFile, img: Image, ctx: ReadContext) -> dict:
     cfg, pseud = ctx.cfg, ctx.pseudonymize
     label = f.label
@@ -280,6 +286,7 @@ def _row(f: InputFile, img: Image, ctx: ReadContext) -> dict:
         "study_id": pseud.study(img.study_key),
         "label": (label.label if label else None) or img.label,
         "split": split,
+        "attributes": _attributes_json(label, img),
         "pixel_sha256": pixel_sha256(pixels),
         "ingest_version": INGEST_VERSION,
     }
@@ -497,7 +504,7 @@ def run_ingest(
         lfs, lpath = storage.filesystem(labels_csv)
         with lfs.open(lpath, "rb") as fh:
             labels_text = fh.read().decode("utf-8-sig")
-    labels = parse_labels(labels_text, name="label CSV") if labels_csv else {}
+    labels = parse_labels(labels_text, name="label CSV", attributes=cfg.attributes) if labels_csv else {}
     out_fs, out = storage.filesystem(output)
     exclude = {labels_csv} if labels_csv else set()
     if labels_csv:

@@ -54,6 +54,9 @@ ROW_SCHEMA = pa.schema(
         ("study_id", pa.string()),
         ("label", pa.string()),
         ("split", pa.string()),
+        # JSON object of string attributes for subgroup metrics (label-CSV columns named in ``attributes``, and
+        # DICOM sex and age decade when ``dicom.demographics``); null when there are none.
+        ("attributes", pa.string()),
         ("pixel_sha256", pa.string()),
         ("ingest_version", pa.string()),
     ]
@@ -98,6 +101,7 @@ class Image:
     study_key: str | None = None
     label: str | None = None
     split: str | None = None
+    attributes: dict[str, str] | None = None  # already coarse (e.g. age decade): written as they are
     encoding: Literal["png", "jpeg"] | None = None  # None: the run's default
 
     def __post_init__(self) -> None:

@@ -144,9 +144,16 @@ class RunConfig(StrictModel):
     log_every: int = Field(default=10, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     cpus_per_worker: float = Field(default=1.0, gt=0)  # leave CPUs to Ray Data's decoding on small machines
+    # torch's intra-op threads per worker; None = cpus_per_worker. More than the worker's CPUs suits a small machine
+    # whose streams fit data.stream_cache_mb: after the first pass Ray Data decodes nothing and its CPU sits idle.
+    threads_per_worker: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)  # older ones are the fallback for a corrupt latest one
     # Keep Ray Data's row order (slower): a resumed run then draws exactly the batches of an uninterrupted one.
     deterministic_data: bool = False
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
 
 
 class DataConfig(StrictModel):

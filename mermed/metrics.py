@@ -1,4 +1,10 @@
-"""Downstream metrics: AUROC (the paper's headline number), accuracy, and a patient-level bootstrap CI.
+"""Downstream metrics: AUROC (the paper's headline number), the authors' metric set, and a patient-level bootstrap CI.
+
+The metric set of the published evaluation (``classification_metrics``, ``per_class_metrics``): AUROC and
+AUPRC (macro one-vs-rest), accuracy, balanced accuracy, sensitivity, specificity, F1, Brier score and the
+expected calibration error (15 bins, top-1 and class-wise), plus micro AUROC/AUPRC for multi-label tasks.
+scikit-learn computes what it has; ECE, specificity and the bootstrap are ours. ``paired_comparison`` compares
+two encoders over matched (task, fraction, seed) results with the Wilcoxon signed-rank test.
 
 AUROC is the Mann-Whitney U statistic with midranks for ties, written over tie groups of the sorted scores so
 that it also takes integer row weights: a bootstrap resample is the same rows with multiplicities, so all
@@ -137,6 +143,204 @@ def accuracy(y_true: np.ndarray, scores: np.ndarray, task: Task) -> float:
     return float(np.mean((s >= 0.5) == positive))
 
 
+ECE_BINS = 15  # as the authors' evaluation
+
+
+def predicted_labels(scores: np.ndarray, task: Task) -> np.ndarray:
+    """Decisions from probabilities: binary (N,) and multilabel (N, L) at 0.5, multiclass (N, K) by argmax; a
+    binary (N, 2) is read as its column 1."""
+    s = np.asarray(scores, dtype=np.float64)
+    if task == "multiclass":
+        return np.argmax(s, axis=1)
+    if task == "binary" and s.ndim == 2:
+        s = s[:, 1]
+    return (s >= 0.5).astype(np.int64)
+
+
+def _binned_gaps(confidence: np.ndarray, outcome: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:
+    """Per equal-width bin of ``confidence`` in [0, 1]: mean confidence, observed frequency, row count."""
+    bins = np.clip((confidence * n_bins).astype(np.int64), 0, n_bins - 1)  # 1.0 falls in the last bin
+    count = np.bincount(bins, minlength=n_bins).astype(np.float64)
+    safe = np.maximum(count, 1)
+    mean_conf = np.bincount(bins, weights=confidence, minlength=n_bins) / safe
+    frequency = np.bincount(bins, weights=outcome.astype(np.float64), minlength=n_bins) / safe
+    return mean_conf, frequency, count
+
+
+def reliability_bins(
+    y_true: np.ndarray, scores: np.ndarray, task: Task, n_bins: int = ECE_BINS
+) -> tuple[np.ndarray, ...]:
+    """The reliability diagram's data, top-1 (multilabel: every label's decision): per bin of confidence, the
+    mean confidence, the accuracy and the row count."""
+    positive, s = _one_vs_rest(y_true, scores, task)
+    if task == "multiclass":
+        confidence = s.max(axis=1)
+        correct = positive[np.arange(len(s)), s.argmax(axis=1)]
+    else:  # a 0.5-threshold decision per column: confidence is the probability of the decided outcome
+        confidence = np.maximum(s, 1 - s).ravel()
+        correct = ((s >= 0.5) == positive).ravel()
+    return _binned_gaps(confidence, correct, n_bins)
+
+
+def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray, task: Task, n_bins: int = ECE_BINS) -> float:
+    """Top-1 ECE (Guo et al. 2017): sum over bins of |accuracy - confidence| weighted by the bin's share of rows."""
+    conf, freq, count = reliability_bins(y_true, scores, task, n_bins)
+    return float(np.sum(np.abs(freq - conf) * count) / count.sum())
+
+
+def classwise_calibration_error(
+    y_true: np.ndarray, scores: np.ndarray, task: Task, n_bins: int = ECE_BINS
+) -> np.ndarray:
+    """Per class (label) k, the ECE of p_k against "the row is of class k" (Kull et al. 2019); binary: one value."""
+    positive, s = _one_vs_rest(y_true, scores, task)
+    values = []
+    for k in range(s.shape[1]):
+        conf, freq, count = _binned_gaps(s[:, k], positive[:, k], n_bins)
+        values.append(np.sum(np.abs(freq - conf) * count) / count.sum())
+    return np.asarray(values)
+
+
+def _confusion(positive: np.ndarray, decided: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per column: true positives, false positives, false negatives, true negatives."""
+    tp = (positive & decided).sum(axis=0)
+    fp = (~positive & decided).sum(axis=0)
+    fn = (positive & ~decided).sum(axis=0)
+    tn = (~positive & ~decided).sum(axis=0)
+    return tp, fp, fn, tn
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.where(b > 0, a / np.maximum(b, 1), np.nan)
+
+
+def per_class_metrics(y_true: np.ndarray, scores: np.ndarray, task: Task) -> dict[str, np.ndarray]:
+    """One value per class (binary: the positive class only; multilabel: per label): AUROC, AUPRC, sensitivity,
+    specificity, F1 (of the one-vs-rest decision) and the class-wise ECE. NaN where a class is absent."""
+    from sklearn.metrics import average_precision_score
+
+    positive, s = _one_vs_rest(y_true, scores, task)
+    decided = predicted_labels(scores, task)
+    decided = decided[:, None] == np.arange(s.shape[1]) if task == "multiclass" else decided.reshape(len(s), -1) == 1
+    tp, fp, fn, tn = _confusion(positive, decided)
+    both = positive.any(axis=0) & (~positive).any(axis=0)
+    columns = _ranked(y_true, scores, task)
+    ones = np.ones((1, len(s)))
+    return {
+        "auroc": np.array([c.auc(ones)[0] for c in columns]),
+        "auprc": np.array(
+            [average_precision_score(positive[:, k], s[:, k]) if both[k] else np.nan for k in range(s.shape[1])]
+        ),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "ece": classwise_calibration_error(y_true, scores, task),
+    }
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.mean(values[~np.isnan(values)])) if (~np.isnan(values)).any() else float("nan")
+
+
+def classification_metrics(y_true: np.ndarray, scores: np.ndarray, task: Task) -> dict[str, float]:
+    """The published metric set for one model on one test set; scores are probabilities (see ``auroc``).
+
+    Macro means over the classes (labels) where the metric is defined; binary tasks report the positive class.
+    ``brier`` is the mean squared distance of the probability vector from the one-hot truth (binary: of p from y;
+    multilabel: per label, averaged); ``ece`` is top-1, ``ece_classwise`` the mean class-wise ECE.
+    """
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score
+
+    positive, s = _one_vs_rest(y_true, scores, task)
+    per_class = per_class_metrics(y_true, scores, task)
+    if task == "multiclass":
+        balanced = balanced_accuracy_score(np.asarray(y_true), predicted_labels(scores, task))
+    else:
+        balanced = _nanmean((per_class["sensitivity"] + per_class["specificity"]) / 2)
+    result = {
+        "auroc": auroc(y_true, scores, task),
+        "auprc": _nanmean(per_class["auprc"]),
+        "accuracy": accuracy(y_true, scores, task),
+        "balanced_accuracy": float(balanced),
+        "sensitivity": _nanmean(per_class["sensitivity"]),
+        "specificity": _nanmean(per_class["specificity"]),
+        "f1": _nanmean(per_class["f1"]),
+        "brier": float(np.mean(np.sum((s - positive) ** 2, axis=1)) / (s.shape[1] if task == "multilabel" else 1)),
+        "ece": expected_calibration_error(y_true, scores, task),
+        "ece_classwise": _nanmean(per_class["ece"]),
+    }
+    if task == "multilabel":
+        result["auroc_micro"] = float(
+            _weighted_auroc([RankedColumn(positive.ravel(), s.ravel())], np.ones((1, s.size)))[0]
+        )
+        result["auprc_micro"] = float(average_precision_score(positive.ravel(), s.ravel()))
+    return result
+
+
+# What classification_metrics returns for every task, in report order (multilabel adds auroc_micro, auprc_micro).
+METRICS = (
+    "auroc", "auprc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1", "brier", "ece",
+    "ece_classwise",
+)  # fmt: skip
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Encoder A against encoder B on matched results (the same task, label fraction and seed in each pair):
+    the mean and std of A - B, how often A wins, and the two-sided Wilcoxon signed-rank p-value (exact for small
+    samples, scipy's choice), which assumes nothing about the differences' distribution."""
+    from scipy.stats import wilcoxon
+
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 1:
+        raise ValueError(f"paired results need two equal-length 1-D sequences, got {x.shape} and {y.shape}")
+    diff = x - y
+    p = 1.0 if np.all(diff == 0) else float(wilcoxon(x, y, zero_method="wilcox").pvalue)
+    return {
+        "pairs": float(len(diff)),
+        "mean_diff": float(diff.mean()),
+        "std_diff": float(diff.std(ddof=1)) if len(diff) > 1 else float("nan"),
+        "wins": float((diff > 0).sum()),
+        "p_value": p,
+    }
+
+
+def metric_bootstrap_ci(
+    y_true: np.ndarray,
+    score_sets: Sequence[np.ndarray],
+    task: Task,
+    groups: np.ndarray | list[str],
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile CIs of every ``classification_metrics`` value, averaged over ``score_sets`` (models scored on
+    the same rows, e.g. one per seed), resampling patients as ``bootstrap_ci`` does; resamples where a metric is
+    undefined are skipped for it, and a metric undefined in more than 10% of them gets (NaN, NaN)."""
+    g = np.asarray(groups, dtype=object).astype(str)
+    _, patient_of_row = np.unique(g, return_inverse=True)
+    rows_of = [np.flatnonzero(patient_of_row == p) for p in range(int(patient_of_row.max()) + 1)]
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y_true)
+    values: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        rows = np.concatenate([rows_of[p] for p in rng.integers(0, len(rows_of), len(rows_of))])
+        try:
+            per_model = [classification_metrics(y[rows], np.asarray(s)[rows], task) for s in score_sets]
+        except ValueError:  # a resample with one class: AUROC (and the rest with it) undefined
+            continue
+        for name in per_model[0]:
+            values.setdefault(name, []).append(float(np.mean([m[name] for m in per_model])))
+    out = {}
+    for name in (*METRICS, *(k for k in values if k not in METRICS)):
+        v = np.asarray(values.get(name, []))
+        v = v[~np.isnan(v)]
+        out[name] = (
+            tuple(float(q) for q in np.quantile(v, [alpha / 2, 1 - alpha / 2]))
+            if v.size >= (1 - _MAX_UNDEFINED) * n_boot
+            else (float("nan"), float("nan"))
+        )
+    return out  # type: ignore[return-value]
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     scores: np.ndarray,
@@ -204,4 +408,21 @@ def mean_bootstrap_ci(
     return float(lo), float(hi)
 
 
-__all__ = ["TASKS", "Task", "accuracy", "auroc", "bootstrap_ci", "mean_bootstrap_ci"]
+__all__ = [
+    "ECE_BINS",
+    "METRICS",
+    "TASKS",
+    "Task",
+    "accuracy",
+    "auroc",
+    "bootstrap_ci",
+    "classification_metrics",
+    "classwise_calibration_error",
+    "expected_calibration_error",
+    "mean_bootstrap_ci",
+    "metric_bootstrap_ci",
+    "paired_comparison",
+    "per_class_metrics",
+    "predicted_labels",
+    "reliability_bins",
+]

@@ -162,12 +162,7 @@ def probe(
     from pipelines.probe import run_probe
 
     setup_logging(verbose)
-    overrides: dict = {"trials": trials, "seeds": seeds}
-    try:
-        if fractions:
-            overrides["fractions"] = [float(f) for f in fractions.split(",")]
-    except ValueError:
-        _fail(f"--fractions must be comma-separated numbers, not {fractions!r}")
+    overrides: dict = {"trials": trials, "seeds": seeds, "fractions": _numbers("--fractions", fractions, float)}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     try:
         cfg = load_config(ProbeConfig, config, overrides) if config else parse_config(ProbeConfig, overrides)
@@ -176,6 +171,49 @@ def probe(
         _fail(str(err))
     typer.echo((result.output / "summary.md").read_text())
     typer.echo(f"MLflow run {result.parent_run_id}: {ui_command(result.tracking_uri)}")
+
+
+def _numbers(option: str, text: str | None, kind: type) -> list | None:
+    """A comma-separated option as a list of numbers, or a clear exit."""
+    if not text:
+        return None
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        _fail(f"{option} must be comma-separated numbers, not {text!r}")
+
+
+@app.command()
+def finetune(
+    encoder: Annotated[str, typer.Option(help="exported encoder: STORAGE/RUN/encoder.safetensors")],
+    tasks: Annotated[Path, typer.Option(help="YAML task list (the probe's format; external: DATA optional)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for tables, figures, runs, MLflow")],
+    fractions: Annotated[str | None, typer.Option(help="training-label fractions, e.g. 0.1,0.3,0.5,1.0")] = None,
+    seeds: Annotated[str | None, typer.Option(help="seeds, e.g. 0,1,42,123,2025")] = None,
+    baseline: Annotated[
+        list[str] | None, typer.Option(help="'random' or TIMM_NAME=PATH (local weights); repeatable")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML FinetuneConfig (configs/finetune_vitb.yaml)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Full fine-tuning: a Ray Train run per (task, encoder, fraction, seed), scheduled by Ray Tune, MLflow."""
+    from mermed.finetune import FinetuneConfig
+    from mermed.tracking import ui_command
+    from pipelines.common import setup_logging
+    from pipelines.finetune import run_finetune
+
+    setup_logging(verbose)
+    overrides = {"fractions": _numbers("--fractions", fractions, float), "seeds": _numbers("--seeds", seeds, int)}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        cfg = load_config(FinetuneConfig, config, overrides) if config else parse_config(FinetuneConfig, overrides)
+        result = run_finetune(encoder, tasks, output, cfg, baselines=baseline or [])
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    typer.echo((result.output / "summary.md").read_text())
+    typer.echo(f"MLflow run {result.parent_run_id}: {ui_command(result.tracking_uri)}")
+    if result.failed:
+        _fail(f"{result.failed} fine-tuning runs did not finish")
 
 
 @app.command()

@@ -96,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, int(cfg.run.cpus_per_worker)))
+    torch.set_num_threads(cfg.run.torch_threads)
     state = build_train_state(cfg, device=device, world_size=world, total_steps=cfg.run.steps)
     latest = ray.train.get_checkpoint()
     restored = restore_newest(state, config["run_uri"], latest.path if latest else None)

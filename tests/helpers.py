@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -54,3 +58,56 @@ def run_ddp(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
         init_file = os.path.join(tmp, "init")
         mp.spawn(_ddp_entry, args=(fn, world_size, init_file, results, args), nprocs=world_size, join=True)
         return [results[rank] for rank in range(world_size)]
+
+
+def proc_stat(pid: int | str) -> list[str]:
+    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _parent(pid: int) -> int:
+    return int(proc_stat(pid)[1])
+
+
+def _own_processes(title: str) -> list[int]:
+    """Pids of processes descended from this one whose title (Ray sets ``ray::<task or actor>``) starts with
+    ``title``."""
+    me, found = os.getpid(), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if not (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").startswith(title):
+                continue
+            pid = int(proc.name)
+            while pid > 1 and pid != me:
+                pid = _parent(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+        if pid == me:
+            found.append(int(proc.name))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def killing(title: str, ready: Callable[[], bool] = lambda: True) -> Iterator[list[int]]:
+    """While the body runs, SIGKILL the first of our processes titled ``title`` once ``ready()``; yields the
+    killed pids (one, or none when the body ended first)."""
+    killed: list[int] = []
+    done = threading.Event()
+
+    def hunt() -> None:
+        while not done.is_set() and not killed:
+            if ready():
+                for pid in _own_processes(title)[:1]:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            done.wait(0.02)
+
+    thread = threading.Thread(target=hunt, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ import pytest
 import tifffile
 import torch
 import yaml
-from helpers import tiny_config
+from helpers import killing, proc_stat, tiny_config
 from safetensors.torch import load_file
 
 from ingest.config import IngestConfig
@@ -53,65 +52,12 @@ LOCAL = fsspec.filesystem("file")
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _stat(pid: int | str) -> list[str]:
-    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _parent(pid: int) -> int:
-    return int(_stat(pid)[1])
-
-
-def _own_processes(title: str) -> list[int]:
-    """Pids of processes descended from this one whose title (Ray sets ``ray::<task or actor>``) starts with
-    ``title``."""
-    me, found = os.getpid(), []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if not (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").startswith(title):
-                continue
-            pid = int(proc.name)
-            while pid > 1 and pid != me:
-                pid = _parent(pid)
-        except (OSError, ValueError, IndexError):
-            continue  # the process ended while we looked
-        if pid == me:
-            found.append(int(proc.name))
-    return sorted(found)
-
-
-@contextlib.contextmanager
-def killing(title: str, ready: Callable[[], bool] = lambda: True) -> Iterator[list[int]]:
-    """While the body runs, SIGKILL the first of our processes titled ``title`` once ``ready()``; yields the
-    killed pids (one, or none when the body ended first)."""
-    killed: list[int] = []
-    done = threading.Event()
-
-    def hunt() -> None:
-        while not done.is_set() and not killed:
-            if ready():
-                for pid in _own_processes(title)[:1]:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            done.wait(0.02)
-
-    thread = threading.Thread(target=hunt, daemon=True)
-    thread.start()
-    try:
-        yield killed
-    finally:
-        done.set()
-        thread.join()
-
-
 def _session_processes(sid: int) -> list[int]:
     """Live processes of session ``sid`` (a subprocess started with ``start_new_session`` and its children)."""
     found = []
     for proc in Path("/proc").iterdir():
         with contextlib.suppress(OSError, IndexError, ValueError):
-            if proc.name.isdigit() and int(_stat(proc.name)[3]) == sid and _stat(proc.name)[0] != "Z":
+            if proc.name.isdigit() and int(proc_stat(proc.name)[3]) == sid and proc_stat(proc.name)[0] != "Z":
                 found.append(int(proc.name))
     return found
 

@@ -283,3 +283,57 @@ def test_manifest_holds_each_modalitys_exact_pixel_statistics(ingested):
         flat = np.concatenate(pixels)
         np.testing.assert_allclose(norm[modality]["mean"], flat.mean(axis=0), rtol=1e-9)
         np.testing.assert_allclose(norm[modality]["std"], flat.std(axis=0), rtol=1e-6)
+
+
+def test_age_decades_follow_the_dicom_age_string():
+    from ingest.dicom import age_decade
+
+    assert [age_decade(a) for a in ("047Y", "009Y", "006M", "003W", "095Y", "090Y")] == [
+        "40-49",
+        "0-9",
+        "0-9",
+        "0-9",
+        "90+",
+        "90+",
+    ]
+    assert age_decade(None) is None and age_decade("47") is None and age_decade("04XY") is None
+
+
+def _attributes_of(out: Path) -> list:
+    return [a for p in sorted(out.rglob("*.parquet")) for a in pq.read_table(p, columns=["attributes"])["attributes"]]
+
+
+def test_demographics_and_label_attributes_only_when_asked(ray_session, tmp_path):
+    """DICOM sex and age decade reach the rows only with ``dicom.demographics``; label-CSV attribute columns only
+    when named in ``attributes``. Neither setting lets the exact age, the name or the birth date through."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    raw = tmp_path / "raw"
+    (raw / "ct").mkdir(parents=True)
+    for i, (sex, age) in enumerate((("F", "047Y"), ("M", "063Y"))):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.PatientSex, ds.PatientAge = sex, age
+        ds.PatientName, ds.PatientBirthDate, ds.PatientID = f"Planted^Name{i}", f"1961020{i}", f"PLANTED-{i}"
+        ds.save_as(raw / "ct" / f"scan{i}.dcm")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,site\nct/scan0.dcm,a,north\nct/scan1.dcm,b,south\n")
+
+    plain = tmp_path / "plain"
+    run_ingest([str(raw)], str(plain), IngestConfig(modality="CT"), key=KEY)
+    assert _attributes_of(plain) == [None, None]
+    with pytest.raises(LabelFileError, match="site.*attributes"):
+        run_ingest([str(raw)], str(tmp_path / "refused"), IngestConfig(modality="CT"), labels_csv=str(labels), key=KEY)
+
+    cfg = IngestConfig.model_validate({"modality": "CT", "attributes": ["site"], "dicom": {"demographics": True}})
+    kept = tmp_path / "kept"
+    run_ingest([str(raw)], str(kept), cfg, labels_csv=str(labels), key=KEY)
+    found = sorted(_attributes_of(kept))
+    assert [json.loads(a) for a in found] == [
+        {"age_group": "40-49", "sex": "F", "site": "north"},
+        {"age_group": "60-69", "sex": "M", "site": "south"},
+    ]
+    for path in _all_files(kept):
+        blob = path.read_bytes()
+        for planted in (b"047Y", b"063Y", b"Planted", b"19610200", b"PLANTED-0"):
+            assert planted not in blob, f"{planted!r} in {path.name}"

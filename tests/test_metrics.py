@@ -6,7 +6,19 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from mermed.metrics import RankedColumn, accuracy, auroc, bootstrap_ci
+from mermed.metrics import (
+    METRICS,
+    RankedColumn,
+    accuracy,
+    auroc,
+    bootstrap_ci,
+    classification_metrics,
+    classwise_calibration_error,
+    expected_calibration_error,
+    metric_bootstrap_ci,
+    paired_comparison,
+    per_class_metrics,
+)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -205,3 +217,108 @@ def test_ci_bad_groups_raise() -> None:
         bootstrap_ci(y, s, "binary", ["a"] * 9 + [None])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="single class"):
         bootstrap_ci(np.ones(10, int), s, "binary", np.arange(10))
+
+
+# ----------------------------------------------------------------------------------------------- the published set
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_binary_metric_set_matches_sklearn(seed: int) -> None:
+    from sklearn import metrics as sk
+
+    y, z = _binary(300, seed)
+    p = _sigmoid(z)
+    got = classification_metrics(y, p, "binary")
+    decided = (p >= 0.5).astype(int)
+    tn, fp, fn, tp = sk.confusion_matrix(y, decided).ravel()
+    assert tuple(got) == METRICS
+    assert got["auroc"] == pytest.approx(sk.roc_auc_score(y, p))
+    assert got["auprc"] == pytest.approx(sk.average_precision_score(y, p))
+    assert got["accuracy"] == pytest.approx(sk.accuracy_score(y, decided))
+    assert got["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, decided))
+    assert got["sensitivity"] == pytest.approx(sk.recall_score(y, decided))
+    assert got["specificity"] == pytest.approx(tn / (tn + fp))
+    assert got["f1"] == pytest.approx(sk.f1_score(y, decided))
+    assert got["brier"] == pytest.approx(sk.brier_score_loss(y, p))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_multiclass_metric_set_matches_sklearn(seed: int) -> None:
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, 400)
+    p = _softmax(rng.normal(size=(400, 4)) + 1.5 * np.eye(4)[y])
+    got = classification_metrics(y, p, "multiclass")
+    decided = p.argmax(axis=1)
+    matrices = sk.multilabel_confusion_matrix(y, decided)  # per class: [[tn, fp], [fn, tp]]
+    specificity = np.mean([m[0, 0] / (m[0, 0] + m[0, 1]) for m in matrices])
+    assert got["auroc"] == pytest.approx(sk.roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert got["auprc"] == pytest.approx(sk.average_precision_score(np.eye(4)[y], p, average="macro"))
+    assert got["balanced_accuracy"] == pytest.approx(sk.balanced_accuracy_score(y, decided))
+    assert got["sensitivity"] == pytest.approx(sk.recall_score(y, decided, average="macro"))
+    assert got["specificity"] == pytest.approx(specificity)
+    assert got["f1"] == pytest.approx(sk.f1_score(y, decided, average="macro"))
+    assert got["brier"] == pytest.approx(np.mean(np.sum((p - np.eye(4)[y]) ** 2, axis=1)))
+    per_class = per_class_metrics(y, p, "multiclass")
+    assert per_class["f1"] == pytest.approx(sk.f1_score(y, decided, average=None))
+
+
+def test_multilabel_adds_micro_averages() -> None:
+    from sklearn import metrics as sk
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, (200, 3))
+    p = _sigmoid(rng.normal(size=(200, 3)) + 2 * y - 1)
+    got = classification_metrics(y, p, "multilabel")
+    assert got["auroc"] == pytest.approx(sk.roc_auc_score(y, p, average="macro"))
+    assert got["auroc_micro"] == pytest.approx(sk.roc_auc_score(y, p, average="micro"))
+    assert got["auprc_micro"] == pytest.approx(sk.average_precision_score(y, p, average="micro"))
+    assert got["f1"] == pytest.approx(sk.f1_score(y, (p >= 0.5).astype(int), average="macro"))
+
+
+def test_ece_by_hand() -> None:
+    # Binary, 15 bins. Confidences max(p, 1-p): 0.9, 0.9, 0.6, 0.6 (bins 13 and 9); decisions 1, 1, 0, 1.
+    y = np.array([1, 0, 0, 0])
+    p = np.array([0.9, 0.9, 0.4, 0.6])
+    # bin of 0.9: accuracy 1/2, confidence 0.9 -> gap 0.4, weight 1/2; bin of 0.6: accuracy 1/2, gap 0.1, weight 1/2
+    assert expected_calibration_error(y, p, "binary") == pytest.approx(0.5 * 0.4 + 0.5 * 0.1)
+    # Perfectly calibrated within each bin: 10 rows at 0.8 of which 8 are positive.
+    assert expected_calibration_error(np.array([1] * 8 + [0] * 2), np.full(10, 0.8), "binary") == pytest.approx(0)
+    # Multiclass top-1: a confident wrong row and a confident right row.
+    y3 = np.array([0, 1])
+    p3 = np.array([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05]])
+    assert expected_calibration_error(y3, p3, "multiclass") == pytest.approx(0.4)  # one bin: |0.5 - 0.9|
+    # Class-wise ECE of class 0: p_0 = 0.9 twice, one positive -> 0.4; classes 1, 2: p = 0.05, freq 1/2, 0 -> 0.45, 0.05
+    assert classwise_calibration_error(y3, p3, "multiclass") == pytest.approx([0.4, 0.45, 0.05])
+
+
+def test_paired_comparison_is_wilcoxon() -> None:
+    from scipy.stats import wilcoxon
+
+    a = [0.81, 0.85, 0.79, 0.90, 0.88, 0.84]
+    b = [0.78, 0.86, 0.70, 0.85, 0.80, 0.83]
+    got = paired_comparison(a, b)
+    assert got["p_value"] == pytest.approx(wilcoxon(a, b).pvalue)
+    assert (got["pairs"], got["wins"]) == (6, 5)
+    assert got["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
+    assert paired_comparison([0.5, 0.6], [0.5, 0.6])["p_value"] == 1.0
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_comparison([0.5], [0.5, 0.6])
+
+
+def test_metric_bootstrap_ci_brackets_the_estimate() -> None:
+    y, z = _binary(200, 4, signal=1.5)
+    p = _sigmoid(z)
+    groups = np.repeat(np.arange(100), 2).astype(str)
+    cis = metric_bootstrap_ci(y, [p], "binary", groups, n_boot=200)
+    point = classification_metrics(y, p, "binary")
+    assert set(cis) == set(METRICS)
+    for name in METRICS:
+        lo, hi = cis[name]
+        assert lo <= point[name] <= hi, name
+    assert cis["auroc"][0] == pytest.approx(bootstrap_ci(y, p, "binary", groups, n_boot=200)[0], abs=0.03)

@@ -32,6 +32,12 @@ class ProbeTask(StrictModel):
     type: Literal["binary", "multiclass", "multilabel"]
     label: str = "label"  # shard column holding the label strings
     modality: Literal[KNOWN_MODALITIES] | None = None  # None: all rows
+    # A second labelled dataset with the same labels, scored whole by the model fine-tuned on this one
+    # (``mermed finetune``; external validation).
+    external: str | None = Field(default=None, min_length=1)
+    # Row attributes (ingest's ``attributes`` column: sex, age_group, site...) to report metrics per value of,
+    # with the largest gap between values (``mermed finetune``; subgroup fairness).
+    attributes: list[str] = Field(default=[], max_length=16)
 
 
 class ProbeTasksFile(StrictModel):

@@ -97,7 +97,7 @@ def _parse_multilabel(text: str, row: int) -> set[str]:
 
 
 def encode_labels(
-    labels: Sequence[str | None], task: Task, classes: Sequence[str] | None = None
+    labels: Sequence[str | None], task: Task, classes: Sequence[str] | None = None, *, whole_split: bool = True
 ) -> tuple[np.ndarray, list[str]]:
     """Turn a shard's label strings into targets: (int64 (N,) class indices, or float32 (N, L) 0/1; classes).
 
@@ -106,11 +106,17 @@ def encode_labels(
     multilabel: each label is a JSON list of the labels that are POSITIVE for the row, by name or index
     ("[0, 2]", "[\"effusion\"]", "[]" for none); a 0/1 vector is not accepted, since "[0, 1]" would be
     ambiguous. Pass the training split's ``classes`` when encoding val/test, so that indices agree.
-    Raises ValueError on missing labels, unknown labels (with ``classes``), or single-class labels.
+    Raises ValueError on missing labels, unknown labels (with ``classes``), or single-class labels; a batch of
+    a split (``whole_split=False``, with ``classes``) may be empty or single-class.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if not whole_split and classes is None:
+        raise ValueError("encoding a batch needs the task's classes")
     if len(labels) == 0:
+        if not whole_split:
+            shape = (0, len(classes)) if task == "multilabel" else (0,)  # type: ignore[arg-type]
+            return np.zeros(shape, np.float32 if task == "multilabel" else np.int64), list(classes)  # type: ignore[arg-type]
         raise ValueError("no labels")
     missing = sum(1 for s in labels if s is None or not s.strip())
     if missing:
@@ -127,7 +133,7 @@ def encode_labels(
                 raise ValueError(f"row {i}: {len(unknown)} label(s) not among the {len(known)} known labels")
             targets[i, [index[p] for p in positives]] = 1.0
         positives_per_label = targets.sum(axis=0)
-        if not ((positives_per_label > 0) & (positives_per_label < len(sets))).any():
+        if whole_split and not ((positives_per_label > 0) & (positives_per_label < len(sets))).any():
             raise ValueError("multilabel labels are single-class: no label is both present and absent")
         return targets, known
     known = list(classes) if classes is not None else _sorted_names(set(names))
@@ -139,7 +145,7 @@ def encode_labels(
     if unknown_rows:
         raise ValueError(f"row {unknown_rows[0]}: label not among the {len(known)} known classes")
     targets = np.array([index[s] for s in names], dtype=np.int64)
-    if np.unique(targets).size < 2:
+    if whole_split and np.unique(targets).size < 2:
         raise ValueError(f"{task} labels are single-class: AUROC and training need at least 2 classes")
     return targets, known
 

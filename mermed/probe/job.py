@@ -114,6 +114,7 @@ def _fit_and_test(
         y_test=y,
         scores=scores,
         groups=groups,
+        task_type=task.type,
     )
 
 
@@ -136,6 +137,8 @@ def check_inputs(
     datas = [inspect_task(t) for t in task_list]
     for d in datas:
         log.info("task %s: %s, classes %s, labelled rows %s", d.task.name, d.task.type, d.classes, d.counts)
+        if d.task.external or d.task.attributes:
+            log.warning("task %s: external and attributes are scored by `mermed finetune`, not by probes", d.task.name)
     return ProbeInputs(encoders, datas)
 
 

@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from mermed.metrics import mean_bootstrap_ci
+from mermed.metrics import METRICS, classification_metrics, mean_bootstrap_ci
 from mermed.probe.sweep import HYPERPARAMETERS
 
 log = logging.getLogger("mermed.probe")
 
+# The rest of the published metric set (mermed.metrics), as means over label subsets like AUROC and accuracy.
+OTHER_METRICS = tuple(m for m in METRICS if m not in ("auroc", "accuracy"))
 SUMMARY_COLUMNS = (
     "task",
     "modality",
@@ -26,6 +28,7 @@ SUMMARY_COLUMNS = (
     "auroc_lo",
     "auroc_hi",
     "accuracy",
+    *OTHER_METRICS,
     "n_test",
 )
 RESULT_COLUMNS = (
@@ -46,6 +49,7 @@ RESULT_COLUMNS = (
     "auroc_lo",
     "auroc_hi",
     "accuracy",
+    *OTHER_METRICS,
     "n_test",
 )
 
@@ -69,10 +73,22 @@ class Fit:
     y_test: np.ndarray = field(repr=False)
     scores: np.ndarray = field(repr=False)
     groups: np.ndarray = field(repr=False)
+    task_type: str = "binary"
+    metrics: dict[str, float] = field(default_factory=dict)  # the published set on the test split
+
+    def __post_init__(self) -> None:
+        if not self.metrics:
+            self.metrics = classification_metrics(self.y_test, self.scores, self.task_type)  # type: ignore[arg-type]
 
     def row(self) -> dict[str, Any]:
         """The row of results.csv."""
-        values = {**{k: self.config[k] for k in HYPERPARAMETERS}, "n_test": len(self.y_test)}
+        values = {
+            **self.metrics,
+            **{k: self.config[k] for k in HYPERPARAMETERS},
+            "auroc": self.auroc,
+            "accuracy": self.accuracy,
+            "n_test": len(self.y_test),
+        }
         return {c: values[c] if c in values else getattr(self, c) for c in RESULT_COLUMNS}
 
 
@@ -110,6 +126,7 @@ def summarize(fits: Sequence[Fit], task_types: dict[str, str], n_boot: int) -> l
             "auroc_lo": lo,
             "auroc_hi": hi,
             "accuracy": float(np.mean([f.accuracy for f in group])),
+            **{m: float(np.mean([f.metrics[m] for f in group])) for m in OTHER_METRICS},
             "n_test": len(first.y_test),
         }
         rows.append({c: values[c] for c in SUMMARY_COLUMNS})
