@@ -2,7 +2,8 @@
 frozen-feature probe of ``bench/learning.py``, for the encoder pretrained there and a random initialisation, on
 the seven real labelled sets, at 10% and 100% of the training labels, over 3 seeds.
 
-    python bench/finetune.py [--work /tmp/mermed-learning] [--pretrain-seed 0] [--seeds 0,1,2] [--epochs 3]
+    python bench/finetune.py [--work /tmp/mermed-learning] [--pretrain-seed 0] [--seeds 0,1,2] [--epochs 3] \
+        [--sets chest_ct4_128,fundus_odir7_128]
 
 Needs a finished ``bench/learning.py`` run in WORK (its shards, its encoder ``runs/cpu-seed<S>/`` and its feature
 cache). The random encoder is the one bench/learning.py probes (seed 1000 + S). Each seed draws its own stratified
@@ -40,10 +41,13 @@ from pipelines.finetune import run_finetune
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _sets(work: Path) -> dict[str, tuple[str, str, int]]:
-    """The sets bench/learning.py ingested into WORK/shards, as name -> (shards, modality, classes)."""
+def _sets(work: Path, names: list[str] | None) -> dict[str, tuple[str, str, int]]:
+    """The sets bench/learning.py ingested into WORK/shards (or those ``names``), as name -> (shards, modality,
+    classes)."""
     sets = {}
     for shards in sorted((work / "shards").iterdir()):
+        if names and shards.name not in names:
+            continue
         modality = MODALITY[shards.name.split("_")[0]]
         data = inspect_task(ProbeTask(name=shards.name, data=str(shards), type="multiclass", modality=modality))
         sets[shards.name] = (str(shards), modality, len(data.classes))
@@ -81,6 +85,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--fractions", default="0.1,1.0")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--sets", default=None, help="comma-separated set names (default: all seven)")
     args = parser.parse_args()
     work = Path(args.work)
     encoder = work / "runs" / f"cpu-seed{args.pretrain_seed}" / "encoder.safetensors"
@@ -89,7 +94,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     init_ray()
-    sets = _sets(work)
+    sets = _sets(work, args.sets.split(",") if args.sets else None)
     tasks = write_tasks(sets, work / "finetune-tasks.yaml")
     overrides = {
         "fractions": fractions,

@@ -300,7 +300,8 @@ def test_age_decades_follow_the_dicom_age_string():
 
 
 def _attributes_of(out: Path) -> list:
-    return [a for p in sorted(out.rglob("*.parquet")) for a in pq.read_table(p, columns=["attributes"])["attributes"]]
+    shards = [p for p in sorted(out.rglob("*.parquet")) if p.name != QUARANTINE]
+    return [a.as_py() for p in shards for a in pq.read_table(p, columns=["attributes"])["attributes"]]
 
 
 def test_demographics_and_label_attributes_only_when_asked(ray_session, tmp_path):
@@ -319,13 +320,14 @@ def test_demographics_and_label_attributes_only_when_asked(ray_session, tmp_path
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label,site\nct/scan0.dcm,a,north\nct/scan1.dcm,b,south\n")
 
-    plain = tmp_path / "plain"
-    run_ingest([str(raw)], str(plain), IngestConfig(modality="CT"), key=KEY)
+    plain = tmp_path / "plain"  # the two scans share their pixels: keep both rows
+    run_ingest([str(raw)], str(plain), IngestConfig(modality="CT", deduplicate=False), key=KEY)
     assert _attributes_of(plain) == [None, None]
     with pytest.raises(LabelFileError, match="site.*attributes"):
-        run_ingest([str(raw)], str(tmp_path / "refused"), IngestConfig(modality="CT"), labels_csv=str(labels), key=KEY)
+        run_ingest([str(raw)], str(tmp_path / "no"), IngestConfig(modality="CT"), labels_csv=str(labels), key=KEY)
 
-    cfg = IngestConfig.model_validate({"modality": "CT", "attributes": ["site"], "dicom": {"demographics": True}})
+    asked = {"modality": "CT", "deduplicate": False, "attributes": ["site"], "dicom": {"demographics": True}}
+    cfg = IngestConfig.model_validate(asked)
     kept = tmp_path / "kept"
     run_ingest([str(raw)], str(kept), cfg, labels_csv=str(labels), key=KEY)
     found = sorted(_attributes_of(kept))
