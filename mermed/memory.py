@@ -46,7 +46,8 @@ class MemoryQueue(nn.Module):
     for the ablation's block-wise similarity.
 
     With ``init="empty"`` rows fill ``bank[0:filled]`` first; once full (and from the start with ``"random"``),
-    the oldest rows are overwritten from ``ptr`` on.
+    the oldest rows are overwritten from ``ptr`` on. ``ptr`` and ``filled`` are buffers for checkpoints, mirrored by
+    host integers that the queue reads, so that a training step never waits for the device to learn them.
     """
 
     bank: torch.Tensor
@@ -76,6 +77,12 @@ class MemoryQueue(nn.Module):
         self.register_buffer("modality", torch.full((size,), UNKNOWN_MODALITY, dtype=torch.int64))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
         self.register_buffer("filled", torch.tensor(size if init == "random" else 0, dtype=torch.int64))
+        self._ptr, self._filled = 0, size if init == "random" else 0
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._read_positions())
+
+    def _read_positions(self) -> None:
+        """Host copies of ``ptr`` and ``filled`` after a checkpoint was loaded (one sync, at load time)."""
+        self._ptr, self._filled = int(self.ptr), int(self.filled)
 
     @torch.no_grad()
     def enqueue(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> int:
@@ -97,19 +104,20 @@ class MemoryQueue(nn.Module):
         x = F.normalize(x[-self.size :].to(self.bank.dtype), dim=-1)  # more rows than slots: the newest win
         ids = ids[-self.size :]
         n = x.shape[0]
-        ptr = int(self.ptr)
+        ptr = self._ptr
         first = min(n, self.size - ptr)
         self.bank[ptr : ptr + first] = x[:first]
         self.bank[: n - first] = x[first:]  # wrap-around; empty when it fits before the end
         self.modality[ptr : ptr + first] = ids[:first]
         self.modality[: n - first] = ids[first:]
-        self.ptr.fill_((ptr + n) % self.size)
-        self.filled.fill_(min(int(self.filled) + n, self.size))
+        self._ptr, self._filled = (ptr + n) % self.size, min(self._filled + n, self.size)
+        self.ptr.fill_(self._ptr)
+        self.filled.fill_(self._filled)
         return n
 
     def blocks(self) -> Iterator[torch.Tensor]:
         """Views of the filled part of each block (blocks not yet written are skipped)."""
-        filled = int(self.filled)
+        filled = self._filled
         if self.size == 0:
             return
         block = self.size // self.n_blocks
@@ -118,12 +126,12 @@ class MemoryQueue(nn.Module):
 
     def modality_counts(self) -> dict[int, int]:
         """Filled slots per modality id (-1: unknown, e.g. the random start), for logging."""
-        values, counts = torch.unique(self.modality[: int(self.filled)], return_counts=True)
+        values, counts = torch.unique(self.modality[: self._filled], return_counts=True)
         return dict(zip(values.tolist(), counts.tolist(), strict=True))
 
     @property
     def fill_fraction(self) -> float:
-        return int(self.filled) / self.size if self.size else 0.0
+        return self._filled / self.size if self.size else 0.0
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, n_blocks={self.n_blocks}, init={self.init}"

@@ -274,3 +274,32 @@ def test_checkpoint_of_another_architecture_is_refused_before_loading(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="does not match the architecture"):
         load_checkpoint(other, tmp_path / "ckpt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs where a GPU is lent)")
+def test_a_cuda_step_without_monitors_never_syncs_with_the_host():
+    """The whole step (augmentation, forward, losses, backward, EMA, memory) under CUDA's sync debug mode: any
+    host synchronisation raises. Logging steps may sync; the others may not."""
+    from mermed.train import batch_step
+
+    cfg = tiny_config()
+    device = torch.device("cuda")
+    state = build_train_state(cfg, device=device)
+    crops = MultiCrop.from_config(cfg.crops)
+    size, batch = cfg.crops.decode_size, cfg.optim.batch_size_per_worker
+    host = {
+        "pixels": torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).pin_memory(),
+        "grayscale": torch.zeros(batch, dtype=torch.bool).pin_memory(),
+        "valid": torch.tensor([[0, 0, size, size]] * batch, dtype=torch.int32).pin_memory(),
+    }
+    modalities = ["CT", "CXR"] * (batch // 2)
+    norm = {m: {"mean": [0.5] * 3, "std": [0.25] * 3} for m in ("CT", "CXR")}
+    batch_step(state, crops, host, modalities, norm, monitors=True)  # warm-up: allocations, cuDNN choices
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            batch_step(state, crops, host, modalities, norm, monitors=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
