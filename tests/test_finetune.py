@@ -196,3 +196,17 @@ def test_summary_and_paired_comparison_over_matched_runs():
     assert (compared["versus"], compared["pairs"], compared["wins"]) == ("random", 5, 5)
     assert compared["p_value"] == pytest.approx(wilcoxon(a, b).pvalue)
     assert "pretrained vs random" in markdown(rows, [compared])
+
+
+def test_shipped_finetune_configs_load_and_nonsense_names_the_field():
+    from ingest.config import ConfigError, load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    published = load_config(FinetuneConfig, root / "finetune_vitb.yaml")
+    assert (published.train.base_lr, published.train.layer_decay, published.train.epochs) == (5e-3, 0.65, 50)
+    assert published.seeds == [0, 1, 42, 123, 2025] and published.fractions == [0.1, 0.3, 0.5, 1.0]
+    load_config(FinetuneConfig, root / "finetune_tiny.yaml")
+    with pytest.raises(ConfigError, match="train.crop_scale"):
+        parse_config(FinetuneConfig, {"train": {"crop_scale": [0.9, 0.1]}})
+    with pytest.raises(ConfigError, match="seeds"):
+        parse_config(FinetuneConfig, {"seeds": [1, 1]})
