@@ -103,7 +103,7 @@ def _trial_epochs(out: Path) -> list[int]:
     for result in out.glob("tune/*/result.json"):
         for line in result.read_text().splitlines():
             row = json.loads(line)
-            if not row.get("done_flag") and "epoch" in row and not row.get("done"):
+            if "epoch" in row and row.get("scored") != 1:
                 epochs.append(int(row["epoch"]))
     return epochs
 

@@ -255,7 +255,7 @@ def _best_trials(grid) -> list:
     """Per grid cell, the finished trial with the best validation AUROC (several only when searching)."""
     best: dict[tuple, Any] = {}
     for result in grid:
-        if result.error or not (result.metrics or {}).get("done"):
+        if result.error or not (result.metrics or {}).get("scored"):
             continue
         key = tuple(result.config[k] for k in GRID)
         if key not in best or result.metrics["val_auroc"] > best[key].metrics["val_auroc"]:
@@ -317,7 +317,7 @@ def _log_nested(run: Run, history, out: Path, experiment_id: str, parent: str) -
         mlflow.log_params({"task": run.task, "encoder": run.encoder, "fraction": run.fraction, "seed": run.seed})
         if history is not None:
             for _, row in history.iterrows():
-                if not row.get("done"):
+                if row.get("scored") != 1:  # the per-epoch reports, not the final one
                     step = int(row["epoch"])
                     mlflow.log_metrics({k: float(row[k]) for k in ("val_auroc", "train_loss") if k in row}, step=step)
         prefix = "" if run.test_set == "test" else "external_"

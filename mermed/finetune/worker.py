@@ -234,7 +234,8 @@ def finetune_worker(config: dict[str, Any]) -> None:
             _save(Path(tmp), model, optimizer, best, state)
             np.savez(Path(tmp) / PREDICTIONS, **results, **attention)
             (Path(tmp) / "spec.json").write_text(json.dumps(asdict(spec) | {"state": state}))
-        final = {**state, "val_auroc": state["best_val_auroc"], "train_rows": spec.train_rows, "done": 1}
+        # "scored", not "done": Tune reserves that key for its own end-of-trial flag.
+        final = {**state, "val_auroc": state["best_val_auroc"], "train_rows": spec.train_rows, "scored": 1}
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
