@@ -18,19 +18,14 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """One local Ray for the whole session (2 CPUs, as on CI), with its dashboard.
+    """One local Ray for the whole session (2 CPUs, as on CI).
 
     Started after the S3 server so that its endpoint and credentials reach Ray's workers through the environment.
     """
     import ray
 
     if not ray.is_initialized():
-        # With the dashboard, as users run it (pipelines.common.init_ray): Ray Train's placement-group cleaner asks
-        # its state API whether a run's controller is gone, and a Train run inside a Tune trial relies on it (without
-        # it each finished fine-tuning run leaves its workers' CPUs reserved, and the next runs wait for ever).
-        ray.init(
-            num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, configure_logging=False
-        )
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield ray
