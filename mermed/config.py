@@ -137,6 +137,11 @@ class OptimConfig(StrictModel):
     momentum_teacher: float = Field(default=0.9995, ge=0, le=1)
 
 
+def torch_threads(threads_per_worker: int | None, cpus_per_worker: float) -> int:
+    """A Ray worker's torch intra-op threads: as configured, else its whole CPUs (at least one)."""
+    return threads_per_worker or max(1, int(cpus_per_worker))
+
+
 class RunConfig(StrictModel):
     steps: int = Field(default=1000, ge=1)
     checkpoint_every: int = Field(default=1000, ge=1)
@@ -153,7 +158,7 @@ class RunConfig(StrictModel):
 
     @property
     def torch_threads(self) -> int:
-        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+        return torch_threads(self.threads_per_worker, self.cpus_per_worker)
 
 
 class DataConfig(StrictModel):

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ingest.config import StrictModel
-from mermed.config import TrackingConfig
+from mermed.config import TrackingConfig, torch_threads
 from mermed.probe.config import Range
 
 
@@ -87,7 +87,7 @@ class FinetuneConfig(StrictModel):
 
     @property
     def torch_threads(self) -> int:
-        return self.threads_per_worker or max(1, int(self.cpus_per_worker))
+        return torch_threads(self.threads_per_worker, self.cpus_per_worker)
 
 
 __all__ = ["FinetuneConfig", "FinetuneSearchConfig", "FinetuneTrainConfig"]
