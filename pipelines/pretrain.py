@@ -16,7 +16,9 @@ if __name__ == "__main__":
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +41,8 @@ from mermed.train import TrainState, build_train_state, save_checkpoint
 
 if TYPE_CHECKING:
     import mlflow
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
 log = logging.getLogger("mermed.pretrain")
 
@@ -210,6 +214,21 @@ def _ingest_options(cfg: PretrainConfig):
     return options
 
 
+def _fit(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``, then the SIGINT handler put back as it was.
+
+    On the main thread Ray Train installs a SIGINT handler that holds the run's controller actor, so a process
+    that goes on after the run (the demo, a notebook, the tests) would keep that controller and its dataset
+    actors alive for as long as it lives; putting the handler back lets them go when the run ends.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
 def run_pretrain(
     cfg: PretrainConfig,
     data: Sequence[str],
@@ -325,7 +344,7 @@ def run_pretrain(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=split, execution_options=_ingest_options(cfg)),
     )
-    result = trainer.fit()
+    result = _fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:

@@ -16,6 +16,14 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def _start_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """One local Ray for the whole session (2 CPUs, as on CI).
@@ -25,11 +33,23 @@ def ray_session(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+        _start_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fresh_ray(ray_session):
+    """The session's Ray restarted, for a module that runs Ray Train or Tune jobs.
+
+    A driver that has run a couple of dozen Ray Train and Tune jobs on one local Ray (Ray 2.60) came to a point
+    where a new TrainController was created but never ran its control loop, and the run waited for ever; the
+    same tests pass on a fresh Ray. Restarting costs a few seconds per module and keeps each module's jobs
+    independent of what earlier modules left behind.
+    """
+    ray_session.shutdown()
+    _start_ray()
+    return ray_session
 
 
 def _free_port() -> int:

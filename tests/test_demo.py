@@ -17,9 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 AUROC_CELL = re.compile(r"(\d\.\d{3}) \[(?:(\d\.\d\d), (\d\.\d\d)|no CI: few patients)\]")
 
 
-def test_demo_prints_an_auroc_table_for_every_modality_and_a_second_run_reuses_every_stage(
-    ray_session, tmp_path, caplog
-):
+def test_demo_prints_an_auroc_table_for_every_modality_and_a_second_run_reuses_every_stage(fresh_ray, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mermed.demo")
     workdir = tmp_path / "demo"
     first = run_demo(workdir, steps=4, per_class=8)

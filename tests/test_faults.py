@@ -213,7 +213,7 @@ def pipeline_config(**overrides) -> PretrainConfig:
 
 
 @pytest.fixture(scope="module")
-def shards(ray_session, corpus, tmp_path_factory) -> str:
+def shards(fresh_ray, corpus, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("shards")
     inputs = [str(corpus.root / m) for m in ("derm", "oct")]
     run_ingest(inputs, str(out), IngestConfig(), labels_csv=str(corpus.labels_csv), key=KEY)

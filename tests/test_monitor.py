@@ -94,7 +94,7 @@ def _npz(path: Path, sizes: dict[str, int], seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def corpora(ray_session, tmp_path_factory) -> tuple[str, str]:
+def corpora(fresh_ray, tmp_path_factory) -> tuple[str, str]:
     """Two ingest outputs: one with train/val/test (also the pretraining data), one without val rows."""
     root = tmp_path_factory.mktemp("monitor")
     outputs = []

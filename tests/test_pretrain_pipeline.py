@@ -35,7 +35,7 @@ def pipeline_config(**overrides) -> PretrainConfig:
 
 
 @pytest.fixture(scope="module")
-def shards(ray_session, tmp_path_factory):
+def shards(fresh_ray, tmp_path_factory):
     raw = tmp_path_factory.mktemp("raw")
     info = make_sample_corpus(raw, per_class=2, size=64, seed=1)
     out = tmp_path_factory.mktemp("shards")
@@ -101,7 +101,7 @@ def test_two_workers_train_checkpoint_resume_and_fallback(shards, tmp_path):
     assert steps.count(5) == 2 and steps.count(6) == 2 and 8 in steps
 
 
-def test_two_workers_cross_pass_boundaries_of_a_streamed_modality(ray_session, tmp_path, monkeypatch):
+def test_two_workers_cross_pass_boundaries_of_a_streamed_modality(fresh_ray, tmp_path, monkeypatch):
     """PATH split over two workers and too big for the stream cache: each of its passes is a new Ray Data epoch,
     which starts only once both workers ask for it, so neither may reach a pass's end while the other waits in the
     gradient all-reduce. Counts that differed by rank (one worker drawing 7 PATH rows a step, the other 8) hung

@@ -47,7 +47,7 @@ def _split(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels[:, None]
 
 
-def test_medmnist_npz_probes_with_its_official_splits(ray_session, tmp_path: Path) -> None:
+def test_medmnist_npz_probes_with_its_official_splits(fresh_ray, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in (("train", 24), ("val", 8), ("test", 12)):

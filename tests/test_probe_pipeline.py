@@ -116,7 +116,7 @@ def encoder_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def job(ray_session, tmp_path_factory, encoder_file):
+def job(fresh_ray, tmp_path_factory, encoder_file):
     """One probe job: pretrained encoder + random baseline, fractions 0.5 and 1.0, two label subsets."""
     root = tmp_path_factory.mktemp("probe")
     data = write_ingest_output(root / "data", _cohort())
@@ -342,7 +342,7 @@ def test_encoder_and_data_on_s3(s3_bucket: str, tmp_path: Path, encoder_file: Pa
         load_encoders(f"s3://{s3_bucket}/elsewhere/encoder.safetensors", [])
 
 
-def test_encoder_actors_leave_a_cpu_for_reading(ray_session) -> None:
+def test_encoder_actors_leave_a_cpu_for_reading(fresh_ray) -> None:
     """An actor pool holding every CPU would starve Ray Data's read tasks: the pool is capped below that."""
     from mermed.probe.config import ExtractConfig
 
