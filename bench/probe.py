@@ -1,13 +1,15 @@
-"""What the feature cache buys: a Tune sweep of N trials on cached features against N trials that each re-run
-the encoder over the images (the naive probe), on the same local Ray, data, search space and ASHA schedule.
+"""What a probe sweep costs against one probe trained alone, and feature extraction against the encoder's bare
+forward, in one run on the same local Ray and data.
 
-    python bench/probe.py [--images 400] [--trials 8] [--model vit_small_patch16_224] [--img-size 64]
+    python bench/probe.py [--images 400] [--sweeps 4,16,64] [--model vit_small_patch16_224] [--img-size 64]
 
-Prints the time of each path and the ratio naive / cached (extraction included on the cached side). The data is
-a synthetic labelled ingest output (one shard and its manifest) written into a temporary folder. Extraction runs
-as the pipeline runs it (one encoder actor per 2 CPUs on CPU), the naive side one trial per CPU. The naive side
-pays the encoder once per trial (ASHA stops trials only after their first epoch), so the ratio grows with N and
-with the encoder's cost; Tune's fixed per-sweep cost weighs on both.
+1. Extraction: ``extract_features`` (Ray Data, the pipeline's actor pool) against a bare loop in this process
+   that decodes the same images and runs the same encoder in batches of the same size; rows/s and their ratio.
+2. Sweeps: one head fitted alone in a bare loop (no Ray: the baseline, T1), then ``run_sweeps`` (Ray Tune, ASHA,
+   the job's path) with N heads for each N; prints each sweep's time over T1 beside the budget
+   1 + 0.2 (N - 1), and the fixed cost of a sweep (a 1-head sweep minus T1), which the budget allows on top.
+
+The data is a synthetic labelled ingest output (one shard and its manifest) written into a temporary folder.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,13 @@ import torch
 
 from ingest.config import parse_config
 from ingest.schema import ROW_SCHEMA, encode_image
+from mermed.data import decode_square
 from mermed.models import build_backbone, export_encoder
-from mermed.probe import EncoderActor, extract_features, inspect_task, load_encoders, load_features
+from mermed.normalize import modality_mean_std
+from mermed.probe import extract_features, inspect_task, load_encoders, load_features
 from mermed.probe.config import ProbeConfig, ProbeTask
-from mermed.probe.heads import encode_labels, fit_probe
-from mermed.probe.sweep import SweepData, run_sweep, train_config
+from mermed.probe.heads import fit_probe
+from mermed.probe.sweep import SweepData, run_sweeps, train_config
 
 
 def write_data(root: Path, n: int, size: int, seed: int = 0) -> Path:
@@ -76,48 +79,31 @@ def write_data(root: Path, n: int, size: int, seed: int = 0) -> Path:
     return root
 
 
-@dataclass
-class RawSweepData:
-    """What a naive trial gets: encoded images and the encoder's weights, not features."""
-
-    tables: dict[str, pa.Table]
-    model_name: str
-    img_size: int
-    weights: object  # ObjectRef of the state dict
-    classes: list[str]
-    batch_size: int
-
-
-def naive_trial(config: dict, *, data: RawSweepData) -> None:
-    """One trial of a probe without a feature cache: build the encoder, embed train and val, fit the probe."""
-    from ray import tune
-
-    actor = EncoderActor(data.model_name, data.img_size, [data.weights], "label", "auto")
-    x, y = {}, {}
-    for split, table in data.tables.items():
-        out = actor(table)
-        emb = out["embedding"].combine_chunks()
-        x[split] = emb.flatten().to_numpy().reshape(len(emb), -1)
-        y[split], _ = encode_labels(out["label"].to_pylist(), "binary", classes=data.classes)
-    fit_probe(
-        x["train"],
-        y["train"],
-        x["val"],
-        y["val"],
-        "binary",
-        train_config(config, data.batch_size, 0),
-        report=lambda epoch, metrics: tune.report(metrics),
-    )
+def bare_forward(encoder, shard: Path, batch_size: int) -> float:
+    """Rows/s of decode + normalise + forward over the shard's images, in batches, in this process."""
+    model = build_backbone(encoder.model_name, encoder.img_size)
+    model.load_state_dict(encoder.weights)
+    model.eval()
+    table = pq.read_table(shard, columns=["image", "modality"])
+    started = time.perf_counter()
+    for batch in table.to_batches(max_chunksize=batch_size):
+        pixels = torch.from_numpy(np.stack([decode_square(b, encoder.img_size) for b in batch["image"].to_pylist()]))
+        mean, std = modality_mean_std(encoder.normalization, batch["modality"].to_pylist(), torch.device("cpu"))
+        x = (pixels.permute(0, 3, 1, 2).float() / 255 - mean[:, :, None, None]) / std[:, :, None, None]
+        with torch.inference_mode():
+            model(x)
+    return table.num_rows / (time.perf_counter() - started)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=400)
-    parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--sweeps", default="4,16,64", help="heads per sweep, comma-separated")
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--img-size", type=int, default=64)
     args = parser.parse_args()
+    sizes = [int(n) for n in args.sweeps.split(",")]
 
     import ray
 
@@ -126,13 +112,7 @@ def main() -> None:
     init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = int(ray.cluster_resources()["CPU"])
-    cfg = parse_config(
-        ProbeConfig,
-        {
-            "trials": args.trials,
-            "search": {"epochs": [args.epochs], "grace_period": max(1, args.epochs // 4), "hidden": [256]},
-        },
-    )
+    search = {"epochs": [args.epochs], "grace_period": args.epochs, "hidden": [256]}  # ASHA never stops a trial
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_data(root / "data", args.images, args.img_size)
@@ -140,33 +120,40 @@ def main() -> None:
         export_encoder(build_backbone(args.model, args.img_size), path, model_name=args.model, img_size=args.img_size)
         encoder = load_encoders(path, [])[0]
         task = inspect_task(ProbeTask(name="bench", data=str(data), type="binary"))
-        sweep = {"storage_path": root / "tune", "callbacks": [], "seed": 0}
+        extract = parse_config(ProbeConfig, {}).extract
 
         started = time.perf_counter()
-        cache, _ = extract_features(encoder, task, root / "out", cfg.extract)
-        extracted = time.perf_counter() - started
-        features = load_features(cache, task)
-        cached = SweepData("binary", features.x["train"], features.y["train"], features.x["val"],
-                           features.y["val"], 2, cfg.search.batch_size, 0)  # fmt: skip
-        run_sweep(cached, cfg, name="cached", **sweep)
-        cached_total = time.perf_counter() - started
+        cache, _ = extract_features(encoder, task, root / "out", extract)
+        pipeline_rate = args.images / (time.perf_counter() - started)
+        bare_rate = bare_forward(encoder, data / "modality=CT/part-00000.parquet", extract.batch_size)
 
-        shard = pq.read_table(data / "modality=CT/part-00000.parquet")
-        tables = {s: shard.filter(pa.compute.equal(shard["split"], s)) for s in ("train", "val")}
-        raw = RawSweepData(tables, args.model, args.img_size, ray.put(encoder.weights), task.classes,
-                           cfg.search.batch_size)  # fmt: skip
+        f = load_features(cache, task)
+        sweep_data = SweepData("binary", f.x["train"], f.y["train"], f.x["val"], f.y["val"], 2, 256, 0)
+        one = parse_config(ProbeConfig, {"trials": 1, "search": search})
+        head = {"head": "mlp", "lr": 1e-3, "weight_decay": 1e-4, "hidden": 256, "dropout": 0.1, "epochs": args.epochs}
         started = time.perf_counter()
-        run_sweep(raw, cfg, name="naive", trainable=naive_trial, **sweep)
-        naive_total = time.perf_counter() - started
+        fit_probe(sweep_data.train_x, sweep_data.train_y, sweep_data.val_x, sweep_data.val_y, "binary",
+                  train_config(head, 256, 0))  # fmt: skip
+        alone = time.perf_counter() - started
+        times = {}
+        for n in [1, *sizes]:
+            cfg = one.model_copy(update={"trials": n})
+            started = time.perf_counter()
+            run_sweeps({"bench": sweep_data}, cfg, name=f"sweep{n}", storage_path=root / "tune", callbacks=[])
+            times[n] = time.perf_counter() - started
 
-    n = sum(task.counts.values())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{args.trials} trials, {n} images, {args.model} at {args.img_size}px, {args.epochs} epochs, {device}, "
-          f"{cpus} CPUs")  # fmt: skip
-    sweep_s = cached_total - extracted
-    print(f"cached features : {cached_total:7.1f} s  (extraction {extracted:.1f} s + sweep {sweep_s:.1f} s)")
-    print(f"encoder re-run  : {naive_total:7.1f} s")
-    print(f"ratio           : {naive_total / cached_total:7.2f}x")
+    print(
+        f"{args.images} images, {args.model} at {args.img_size}px, {args.epochs} epochs per head, {device}, {cpus} CPUs"
+    )
+    print(f"extraction: pipeline {pipeline_rate:.0f} rows/s, bare forward {bare_rate:.0f} rows/s, "
+          f"ratio {pipeline_rate / bare_rate:.2f}x (target >= 0.8x)")  # fmt: skip
+    fixed = times[1] - alone
+    print(f"one head alone (T1): {alone:.2f} s; a 1-head sweep {times[1]:.1f} s, so a sweep's fixed cost {fixed:.1f} s")
+    for n in sizes:
+        budget = 1 + 0.2 * (n - 1)
+        print(f"sweep of {n:3d} heads: {times[n]:6.1f} s = {times[n] / alone:6.1f} x T1, "
+              f"{(times[n] - fixed) / alone:6.1f} x T1 beyond the fixed cost (budget {budget:.1f} x T1)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@
     config, same shards, same step window. Ray's per-step time is read from the worker's MLflow metrics (step
     timestamps, and ``images_per_s``), after a warm-up that fills the memory queue and ends every modality's
     first pass, so neither Ray's nor Ray Data's start-up is counted. Target: Ray / bare < 1.10.
-(c) ``--gpu``: images/s and model FLOP utilisation of ViT-B/16 (2 x 224 + 10 x 96 views, bf16) on one GPU.
+(c) ``--gpu``: images/s and model FLOP utilisation of ViT-B/16 (2 x 224 + 10 x 96 views, bf16) on one GPU,
+    eager and with ``run.compile`` (torch.compile), and what compiling costs.
+(d) ``--cpu-step``: the same for the tiny and the ViT-B config on the CPU, in images/s per core.
 
     python bench/train.py [--quick] [--reps 3]
     python bench/train.py --crops [--dino-recipe] [--reps 3]
     python bench/train.py --gpu [--batch 64] [--steps 20]
+    python bench/train.py --cpu-step [--batch 4] [--steps 3]
 
 Wall time on a shared machine also counts other people's work, so (b) also reports CPU seconds per step: of
 this process for the bare loop, of the Ray Train worker process for Ray (sampled from /proc while it runs).
@@ -414,64 +417,80 @@ def peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def bench_gpu(batch: int | None, steps: int, warmup: int, peak: float | None) -> None:
-    if not torch.cuda.is_available():
-        sys.exit("--gpu needs a CUDA GPU, and torch.cuda.is_available() is False on this machine")
-    from torch.utils.flop_counter import FlopCounterMode
+def step_timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+    """Seconds per call of ``fn`` over ``n`` calls: CUDA events on a GPU, the wall clock on the CPU."""
 
-    overrides = {"run.precision": "bf16"} | ({"optim.batch_size_per_worker": batch} if batch else {})
-    cfg = load_config(PretrainConfig, VITB, overrides)
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    peak = peak or peak_tflops(name)
-    b = cfg.optim.batch_size_per_worker
-    state = build_train_state(cfg, device=device, total_steps=cfg.run.steps)
-    crops = MultiCrop.from_config(cfg.crops)
-    size = cfg.crops.decode_size
-    batch = {
-        "pixels": torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, device=device),
-        "grayscale": torch.zeros(b, dtype=torch.bool, device=device),
-    }
-    modalities = ["CT"] * b  # ImageNet's statistics (none measured): the speed does not depend on them
-    flops = step_flops(cfg, state.student)
-
-    def step(monitors: bool = False) -> None:
-        batch_step(state, crops, batch, modalities, {}, monitors=monitors)
-
-    for _ in range(warmup):  # also fills part of the memory queue, as in a running job
-        step()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    counted = counter.get_total_flops() / b
-
-    def timed(fn: Callable[[], object]) -> float:
+    def cuda(fn: Callable[[], object], n: int) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
-        for _ in range(steps):
+        for _ in range(n):
             fn()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / steps
+        return start.elapsed_time(end) / 1e3 / n
 
-    images = batch["pixels"].permute(0, 3, 1, 2)
-    gen = torch.Generator(device=device).manual_seed(0)
-    crop_s = timed(lambda: crops(images, batch["grayscale"], generator=gen))
-    step_s = timed(step)
-    rate = b / step_s
-    views = f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}"
-    print(f"(c) {name}: ViT-B/16 {views} views, bf16, batch {b}, {steps} steps after {warmup + 1} warm-up")
-    print(f"  step {step_s * 1e3:.1f} ms ({crop_s * 1e3:.1f} ms of it multi-crop), {rate:.1f} images/s")
-    print(
-        f"  model FLOPs per image (analytic) {flops / 1e9:.1f} G; torch's count of the whole step {counted / 1e9:.1f} G"
-    )
-    achieved = flops * rate / 1e12
-    if peak:
-        print(f"  {achieved:.0f} TFLOP/s of {peak:.0f} bf16 peak: MFU {achieved / peak:.1%}")
-    else:
-        print(f"  {achieved:.0f} TFLOP/s; no bf16 peak known for {name!r}: pass --peak-tflops for the MFU")
-    print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    def cpu(fn: Callable[[], object], n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - started) / n
+
+    return cuda if device.type == "cuda" else cpu
+
+
+def bench_step(config: Path, device: torch.device, batch: int | None, steps: int, warmup: int, peak: float | None):
+    """(c) and (d): one training step's images/s, eager and with ``run.compile``, and the compilation's cost (the
+    first compiled steps over eager ones); on CUDA in bf16 with the MFU, on the CPU per core."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    timed = step_timer(device)
+    gpu = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    peak = (peak or peak_tflops(name)) if gpu else None
+    for compiled in (False, True):
+        overrides = {"run.compile": compiled, "run.precision": "bf16" if gpu else "fp32"}
+        cfg = load_config(PretrainConfig, config, overrides | ({"optim.batch_size_per_worker": batch} if batch else {}))
+        b = cfg.optim.batch_size_per_worker
+        state = build_train_state(cfg, device=device, total_steps=cfg.run.steps)
+        crops = MultiCrop.from_config(cfg.crops)
+        size = cfg.crops.decode_size
+        inputs = {
+            "pixels": torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, device=device),
+            "grayscale": torch.zeros(b, dtype=torch.bool, device=device),
+        }
+        modalities = ["CT"] * b  # ImageNet's statistics (none measured): the speed does not depend on them
+
+        def step(state=state, crops=crops, inputs=inputs, modalities=modalities) -> None:
+            batch_step(state, crops, inputs, modalities, {}, monitors=False)
+
+        first_s = timed(step, 1)  # a compiled run compiles both resolutions' graphs here
+        if warmup > 1:  # also fills part of the memory queue, as in a running job
+            timed(step, warmup - 1)
+        step_s = timed(step, steps)
+        views = f"{cfg.crops.n_global}x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}"
+        mode = "compiled" if compiled else "eager"
+        print(f"{config.stem} {mode} on {name}: {cfg.model.name}, {views} views, batch {b}, {steps} steps after "
+              f"{warmup} warm-up")  # fmt: skip
+        rate = b / step_s
+        per_core = "" if gpu else f", {rate / torch.get_num_threads():.2f} per core"
+        print(f"  step {step_s * 1e3:.1f} ms, {rate:.1f} images/s{per_core}; first step {first_s:.1f} s")
+        if not compiled:
+            flops = step_flops(cfg, state.student)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                step()
+            print(f"  model FLOPs per image (analytic) {flops / 1e9:.1f} G; torch's count of the whole step "
+                  f"{counter.get_total_flops() / b / 1e9:.1f} G")  # fmt: skip
+            eager_first = first_s
+        else:
+            print(f"  compilation: first step {first_s - eager_first:.1f} s longer than eager's")
+        if gpu:
+            achieved = flops * rate / 1e12
+            mfu = f": MFU {achieved / peak:.1%}" if peak else "; no bf16 peak known: pass --peak-tflops for the MFU"
+            print(
+                f"  {achieved:.0f} TFLOP/s{mfu}; peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+            )
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -484,12 +503,19 @@ def main() -> None:
     parser.add_argument("--crops", action="store_true", help="only (a): the multi-crop comparison")
     parser.add_argument("--dino-recipe", action="store_true", help="(a) with DINO's augmentation over the views")
     parser.add_argument("--gpu", action="store_true", help="only (c): ViT-B/16 images/s and MFU on one CUDA GPU")
-    parser.add_argument("--batch", type=int, help="(c) images per step (default: configs/pretrain_vitb.yaml)")
-    parser.add_argument("--steps", type=int, default=20, help="(c) timed steps")
+    parser.add_argument("--cpu-step", action="store_true", help="only (d): tiny and ViT-B steps per CPU core")
+    parser.add_argument("--batch", type=int, help="(c, d) images per step (default: the config's)")
+    parser.add_argument("--steps", type=int, default=20, help="(c, d) timed steps")
     parser.add_argument("--peak-tflops", type=float, help="(c) the GPU's dense bf16 peak, if not in the table")
     args = parser.parse_args()
     if args.gpu:
-        bench_gpu(args.batch, args.steps, warmup=3, peak=args.peak_tflops)
+        if not torch.cuda.is_available():
+            sys.exit("--gpu needs a CUDA GPU, and torch.cuda.is_available() is False on this machine")
+        bench_step(VITB, torch.device("cuda"), args.batch, args.steps, warmup=3, peak=args.peak_tflops)
+        return
+    if args.cpu_step:
+        for config in (TINY, VITB):
+            bench_step(config, torch.device("cpu"), args.batch, args.steps, warmup=2, peak=None)
         return
 
     import ray

@@ -64,10 +64,14 @@ def restore_newest(state: TrainState, run_uri: str, latest: str | None = None) -
 
 
 def export_teacher(
-    state_dir: str | Path, cfg: PretrainConfig, run_uri: str, normalization: dict[str, dict[str, list[float]]]
+    state_dir: str | Path,
+    cfg: PretrainConfig,
+    run_uri: str,
+    normalization: dict[str, dict[str, list[float]]],
+    mlflow_run_id: str | None = None,
 ) -> str:
     """The teacher backbone of a checkpoint's ``state/`` folder as ``RUN/encoder.safetensors`` + ``encoder.json``
-    (which records the per-modality ``normalization`` the run trained with)."""
+    (which records the per-modality ``normalization`` the run trained with and its MLflow run)."""
     tensors = load_file(str(Path(state_dir) / STATE_FILE))
     prefix = "teacher/backbone."
     backbone = build_backbone(cfg.model.name, cfg.crops.global_size)
@@ -80,6 +84,7 @@ def export_teacher(
             model_name=cfg.model.name,
             img_size=cfg.crops.global_size,
             normalization=normalization,
+            mlflow_run_id=mlflow_run_id,
         )
         for name in os.listdir(tmp):
             fs.put(os.path.join(tmp, name), posixpath.join(root, name))

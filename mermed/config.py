@@ -155,6 +155,9 @@ class RunConfig(StrictModel):
     keep_checkpoints: int = Field(default=3, ge=1)  # older ones are the fallback for a corrupt latest one
     # Keep Ray Data's row order (slower): a resumed run then draws exactly the batches of an uninterrupted one.
     deterministic_data: bool = False
+    # torch.compile the student's and the teacher's backbones, in place (checkpoint keys do not change), one static
+    # graph per crop resolution; the first steps pay the compilation (bench/train.py reports it).
+    compile: bool = False
 
     @property
     def torch_threads(self) -> int:

@@ -139,6 +139,7 @@ class EncoderInfo:
     # The pixel statistics the encoder was trained with, per modality ({"CT": {"mean": [...], "std": [...]}}):
     # downstream code normalises each image by its modality's, as pretraining did.
     normalization: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    mlflow_run_id: str | None = None  # the pretraining run that produced the weights, where one did
 
     def mean_std(self, modality: str) -> tuple[list[float], list[float]] | None:
         """The modality's (mean, std) in [0, 1] units, or None when the encoder never saw it."""
@@ -175,13 +176,16 @@ def export_encoder(
     model_name: str,
     img_size: int,
     normalization: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    mlflow_run_id: str | None = None,
 ) -> EncoderInfo:
-    """Write the backbone's weights to ``path`` (safetensors) and its description to ``encoder.json`` beside it."""
+    """Write the backbone's weights to ``path`` (safetensors) and its description to ``encoder.json`` beside it.
+
+    The weights are timm's own state dict, so plain timm loads them too (README, "The encoder in your code")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in backbone.state_dict().items()}
     norm = {m: {k: [float(x) for x in v] for k, v in s.items()} for m, s in (normalization or {}).items()}
-    info = EncoderInfo(model_name=model_name, img_size=img_size, embed_dim=embed_dim_of(backbone), normalization=norm)
+    info = EncoderInfo(model_name, img_size, embed_dim_of(backbone), normalization=norm, mlflow_run_id=mlflow_run_id)
     save_file(tensors, str(path), metadata={"format": ENCODER_FORMAT, "model_name": model_name})
     (path.parent / ENCODER_JSON).write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info

@@ -187,6 +187,9 @@ def build_train_state(
     teacher = build_encoder(cfg, 0.0).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    if cfg.run.compile:
+        for encoder in (student, teacher):
+            encoder.backbone.compile(dynamic=False)
     n_views = cfg.crops.n_global + cfg.crops.n_local
     lc = cfg.loss
     if lc.objective == "mermed":

@@ -146,14 +146,18 @@ def train_loop_per_worker(config: dict) -> None:
         if client is not None:  # a restart (worker failure or re-run) shows in MLflow
             client.log_metric(run_id, "resumed_at_step", state.step, step=state.step)
 
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
     def load(step: int) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, int], dict[str, int]]:
-        """The batch of ``step`` as host tensors (page-locked on a GPU, so that the copy runs asynchronously), its
-        modalities, its rows per modality and each modality's pass."""
+        """The batch of ``step`` as tensors, its modalities, its rows per modality and each modality's pass. On a
+        GPU the batch is page-locked and copied to the device on a side stream, while the current step runs."""
         batch, counts = batches.next(step)
-        host = {k: torch.from_numpy(batch[k]) for k in ("pixels", "grayscale", "valid")}
-        if device.type == "cuda":
-            host = {k: v.pin_memory() for k, v in host.items()}
-        return host, batch["modality"], counts, batches.epochs()
+        tensors = {k: torch.from_numpy(batch[k]) for k in ("pixels", "grayscale", "valid")}
+        if copy_stream is not None:
+            with torch.cuda.stream(copy_stream):
+                tensors = {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
+            copy_stream.synchronize()  # in this thread: the training stream then finds the batch on the device
+        return tensors, batch["modality"], counts, batches.epochs()
 
     # The next batch is assembled while a step runs; it fetches exactly the loop's steps, so its thread ends with it.
     prefetch = Prefetcher(load, state.step, cfg.run.steps)
@@ -167,7 +171,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     while state.step < cfg.run.steps:
         started = time.perf_counter()
-        host, modality, counts, epochs = prefetch.get(state.step)
+        tensors, modality, counts, epochs = prefetch.get(state.step)
+        if copy_stream is not None:  # the caching allocator must not hand these to the side stream while in use
+            for tensor in tensors.values():
+                tensor.record_stream(torch.cuda.current_stream(device))
         data_wait = time.perf_counter() - started
         step = state.step + 1  # the step count once this step is taken
         logged = step % cfg.run.log_every == 0 or step == cfg.run.steps
@@ -175,7 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = batch_step(
             state,
             crops,
-            host,
+            tensors,
             modality,
             config["normalization"],
             rank=rank,
@@ -348,7 +355,7 @@ def run_pretrain(
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        encoder_uri = export_teacher(Path(directory) / CHECKPOINT_DIR, cfg, run_uri, normalization)
+        encoder_uri = export_teacher(Path(directory) / CHECKPOINT_DIR, cfg, run_uri, normalization, run_id)
     client = mlflow.MlflowClient(uri)
     if not storage.is_remote(encoder_uri):
         for artifact in (encoder_uri, os.path.join(os.path.dirname(encoder_uri), "encoder.json")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
@@ -72,7 +73,7 @@ def test_multicrop_encoder_concatenates_in_view_order_with_one_call_per_resoluti
 def test_export_then_load_gives_the_same_encoder(backbone, tmp_path):
     path = tmp_path / "enc" / "encoder.safetensors"
     norm = {"CT": {"mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2, 0.2]}}
-    info = export_encoder(backbone, path, model_name=TINY, img_size=32, normalization=norm)
+    info = export_encoder(backbone, path, model_name=TINY, img_size=32, normalization=norm, mlflow_run_id="abc123")
     meta = json.loads((path.parent / "encoder.json").read_text())
     assert meta == {
         "model_name": TINY,
@@ -80,6 +81,7 @@ def test_export_then_load_gives_the_same_encoder(backbone, tmp_path):
         "embed_dim": 192,
         "format": ENCODER_FORMAT,
         "normalization": norm,
+        "mlflow_run_id": "abc123",
     }
     loaded, loaded_info = load_encoder(path)
     assert loaded_info == info and loaded_info.mean_std("CT") == ([0.3] * 3, [0.2] * 3)
@@ -87,6 +89,20 @@ def test_export_then_load_gives_the_same_encoder(backbone, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), backbone(x), atol=0, rtol=0)
+
+
+def test_plain_timm_loads_an_exported_encoder(tmp_path):
+    """The README's lines for users' own code: timm alone, no mermed import needed, gives the same features."""
+    name, size = "vit_tiny_patch16_224", 32
+    path = tmp_path / "enc" / "encoder.safetensors"
+    export_encoder(build_backbone(name, size), path, model_name=name, img_size=size)
+    ours, _ = load_encoder(path)
+    plain = timm.create_model(
+        name, pretrained=True, num_classes=0, img_size=size, pretrained_cfg_overlay={"file": str(path)}
+    ).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), ours(x))
 
 
 def test_loading_weights_of_another_architecture_fails_before_compute(tmp_path):

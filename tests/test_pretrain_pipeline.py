@@ -59,6 +59,7 @@ def test_two_workers_train_checkpoint_resume_and_fallback(shards, tmp_path):
     assert len(checkpoints) == 2  # steps 2 and 4
     encoder, info = load_encoder(run_dir / "encoder.safetensors")
     assert info.model_name == cfg.model.name and info.img_size == cfg.crops.global_size
+    assert info.mlflow_run_id == first.mlflow_run_id
 
     losses = _history(first.tracking_uri, first.mlflow_run_id, "loss")
     assert sorted(m.step for m in losses) == [1, 2, 3, 4] and all(math.isfinite(m.value) for m in losses)

@@ -15,6 +15,7 @@ from mermed.probe.heads import (
     build_probe,
     encode_labels,
     fit_probe,
+    fit_probes,
     predict_scores,
     subsample_labels,
 )
@@ -100,7 +101,7 @@ def test_report_each_epoch_and_keep_best_epoch() -> None:
         x[:200], y[:200], x[200:], y[200:], "binary", FAST, report=lambda e, m: calls.append((e, m))
     )
     assert [e for e, _ in calls] == list(range(1, FAST.epochs + 1))
-    assert all(set(m) == {"train_loss", "val_loss", "val_auroc"} for _, m in calls)
+    assert all(set(m) == {"train_loss", "val_loss", "val_auroc", "head"} and m["head"] == 0 for _, m in calls)
     assert [m["val_auroc"] for _, m in calls] == [h["val_auroc"] for h in history]
     best = max(h["val_auroc"] for h in history)
     assert history[-1]["val_auroc"] < best  # so the check below tells the best epoch from the last
@@ -139,6 +140,43 @@ def test_divergence_is_an_error() -> None:
     x, y = _blobs(100, 2, 4, seed=9)
     with pytest.raises(FloatingPointError, match="diverged"):
         fit_probe(x[:50], y[:50], x[50:], y[50:], "binary", FAST.model_copy(update={"lr": 1e30}))
+
+
+def test_heads_trained_together_are_the_heads_trained_alone() -> None:
+    """Full-batch steps without dropout: each head of a batched fit follows its own lr, weight decay, init and
+    epochs, as if it had been trained alone."""
+    x, y = _blobs(300, 3, 8, seed=10, spread=1.0)
+    full = {"batch_size": 300, "dropout": 0.0}
+    cfgs = [
+        FAST.model_copy(update={**full, "head": "linear", "lr": 1e-2, "weight_decay": 0.0, "epochs": 6, "seed": 0}),
+        FAST.model_copy(update={**full, "head": "mlp", "lr": 3e-3, "weight_decay": 0.1, "epochs": 9, "seed": 1}),
+        FAST.model_copy(update={**full, "head": "mlp", "hidden": 16, "lr": 1e-3, "epochs": 4, "seed": 2}),
+    ]
+    args = (x[:200], y[:200], x[200:], y[200:], "multiclass")
+    reports: list[tuple[int, dict[str, float]]] = []
+    together = fit_probes(*args, cfgs, report=lambda e, m: reports.append((e, m)))  # type: ignore[arg-type]
+    for cfg, (model, history) in zip(cfgs, together, strict=True):
+        alone, alone_history = fit_probe(*args, cfg)  # type: ignore[arg-type]
+        assert len(history) == cfg.epochs
+        for row, expected in zip(history, alone_history, strict=True):
+            assert row == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, alone.state_dict()[key], rtol=1e-4, atol=1e-5)
+    assert [e for e, _ in reports] == list(range(1, 10))
+    for epoch, metrics in reports:
+        rows = {j: h[epoch - 1] for j, (_, h) in enumerate(together) if epoch <= len(h)}
+        assert metrics["val_auroc"] == max(r["val_auroc"] for r in rows.values())
+        assert rows[metrics["head"]]["val_auroc"] == metrics["val_auroc"]
+
+
+def test_a_diverging_head_stops_and_the_others_train_on() -> None:
+    x, y = _blobs(100, 2, 4, seed=9)
+    cfgs = [FAST, FAST.model_copy(update={"lr": 1e30}), FAST.model_copy(update={"seed": 3})]
+    (a, history_a), (_, history_bad), (_, history_c) = fit_probes(x[:50], y[:50], x[50:], y[50:], "binary", cfgs)
+    assert len(history_a) == len(history_c) == FAST.epochs and len(history_bad) < FAST.epochs
+    assert max(h["val_auroc"] for h in history_a) > 0.9
+    with pytest.raises(ValueError, match="batch_size"):
+        fit_probes(x[:50], y[:50], x[50:], y[50:], "binary", [FAST, FAST.model_copy(update={"batch_size": 8})])
 
 
 # ----------------------------------------------------------------------------------------------- labels

@@ -170,8 +170,11 @@ def test_mlflow_parent_with_nested_trials(job) -> None:
     children = mlflow.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
     )
-    assert len(children) == 4 * CFG.trials  # every trial of every sweep
-    assert set(children["tags.encoder"]) == {"pretrained", "random"}
+    # One Tune experiment for the job's 4 cells (2 encoders x 2 fractions): 8 heads on 2 CPUs, one trial a cell.
+    assert len(children) == 4
+    cells = set(zip(children["tags.encoder"], children["tags.fraction"], children["tags.task"], strict=True))
+    assert cells == {(e, f, "bright") for e in ("pretrained", "random") for f in ("0.5", "1.0")}
+    assert (children["params.heads"].str.count("'lr'") == 2).all()  # each trial trained its cell's 2 heads together
     assert children["metrics.val_auroc"].notna().all()
     assert (children["status"] == "FINISHED").all()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.parent_run_id)}
@@ -343,9 +346,11 @@ def test_encoder_and_data_on_s3(s3_bucket: str, tmp_path: Path, encoder_file: Pa
 
 
 def test_encoder_actors_leave_a_cpu_for_reading(fresh_ray) -> None:
-    """An actor pool holding every CPU would starve Ray Data's read tasks: the pool is capped below that."""
+    """An actor pool reserving every CPU would starve Ray Data's read tasks: the pool is capped below that, while
+    the actors' torch threads share out every CPU."""
     from mermed.probe.config import ExtractConfig
 
-    assert actor_pool(ExtractConfig()) == (1, 0.0)  # 2 CPUs: one actor
-    assert actor_pool(ExtractConfig(actors=2)) == (1, 0.0)
-    assert actor_pool(ExtractConfig(actors=4, cpus_per_actor=0.5)) == (2, 0.0)
+    assert actor_pool(ExtractConfig()) == (1, 0.0, 2)  # 2 CPUs: one actor, computing on both
+    assert actor_pool(ExtractConfig(actors=2)) == (1, 0.0, 2)
+    assert actor_pool(ExtractConfig(actors=4, cpus_per_actor=0.5)) == (2, 0.0, 1)
+    assert actor_pool(ExtractConfig(threads_per_actor=1)) == (1, 0.0, 1)

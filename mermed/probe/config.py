@@ -94,13 +94,18 @@ class ExtractConfig(StrictModel):
     batch_size: int = Field(default=64, ge=1)
     actors: int | None = Field(default=None, ge=1)  # None: one per GPU, else one per 2 CPUs of the cluster
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    # torch's intra-op threads per actor; None: the cluster's CPUs shared among the actors. An actor reserves fewer
+    # CPUs than that only to leave one to Ray Data's read tasks, which are light (decoding runs in the actor).
+    threads_per_actor: int | None = Field(default=None, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
 
 class ProbeConfig(StrictModel):
     """A probe job: a Tune sweep per (task, encoder, label fraction, label subset), a refit, a test."""
 
-    trials: int = Field(default=20, ge=1)  # per sweep
+    trials: int = Field(default=20, ge=1)  # heads drawn per sweep
+    # Heads one Tune trial trains together; None: the sweep spread over the cluster's CPUs, one trial per CPU.
+    heads_per_trial: int | None = Field(default=None, ge=1)
     fractions: list[float] = Field(default=[0.01, 0.1, 1.0], min_length=1)  # of the training labels
     seeds: int = Field(default=3, ge=1)  # stratified label subsets per fraction below 1 (1.0 has only one)
     search: ProbeSearchConfig = ProbeSearchConfig()

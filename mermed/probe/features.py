@@ -37,12 +37,21 @@ class EncoderActor:
     """Ray Data actor: holds the frozen encoder; labelled shard rows in, embeddings plus metadata out."""
 
     def __init__(
-        self, model_name: str, img_size: int, weights: list, label: str, precision: str, normalization: dict
+        self,
+        model_name: str,
+        img_size: int,
+        weights: list,
+        label: str,
+        precision: str,
+        normalization: dict,
+        threads: int | None = None,
     ) -> None:
         import ray
 
         from mermed.train import autocast_dtype
 
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = build_backbone(model_name, img_size)
         model.load_state_dict(ray.get(weights[0]), strict=True)  # the ref is wrapped so that Ray passes it as is
@@ -84,10 +93,11 @@ def features_schema(embed_dim: int) -> pa.Schema:
     )
 
 
-def actor_pool(cfg: ExtractConfig) -> tuple[int, float]:
-    """(actors, GPUs per actor): one actor per GPU when the cluster has GPUs, else one per 2 CPUs.
+def actor_pool(cfg: ExtractConfig) -> tuple[int, float, int]:
+    """(actors, GPUs per actor, torch threads per actor): one actor per GPU when the cluster has GPUs, else one
+    per 2 CPUs; each actor's threads as configured, else the cluster's CPUs shared among the actors.
 
-    Actors never take every CPU: Ray Data's read tasks need one, and without it the pipeline stalls.
+    Actors never reserve every CPU: Ray Data's read tasks need one, and without it the pipeline stalls.
     """
     import ray
 
@@ -99,7 +109,8 @@ def actor_pool(cfg: ExtractConfig) -> tuple[int, float]:
     actors = cfg.actors or (gpus if gpus else max(1, int(cpus) // 2))
     if actors > limit:
         log.warning("features: %d encoder actors do not fit this cluster; using %d", actors, limit)
-    return min(actors, limit), 1.0 if gpus else 0.0
+    actors = min(actors, limit)
+    return actors, 1.0 if gpus else 0.0, cfg.threads_per_actor or max(1, int(cpus) // actors)
 
 
 def features_dir(output: str | Path, encoder: Encoder, data: TaskData) -> Path:
@@ -126,7 +137,7 @@ def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: 
             log.info("features: reusing %s/%s for task %s", encoder.tag, data.key, data.task.name)
             return out, True
     task = data.task
-    actors, gpus = actor_pool(cfg)
+    actors, gpus, threads = actor_pool(cfg)
     log.info("features: extracting task %s with encoder %s on %d actor(s)", task.name, encoder.tag, actors)
     started = time.perf_counter()
     ds = open_shards(
@@ -144,6 +155,7 @@ def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: 
             "label": task.label,
             "precision": cfg.precision,
             "normalization": encoder.normalization,
+            "threads": threads,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -218,26 +218,11 @@ def _targets(y: np.ndarray, task: Task) -> torch.Tensor:
     return torch.tensor(np.asarray(y, dtype=np.int64))
 
 
-def fit_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
-    task: Task,
-    cfg: ProbeTrainConfig,
-    report: Report | None = None,
-    *,
-    n_classes: int | None = None,
-) -> tuple[Probe, list[dict[str, float]]]:
-    """Train a probe with AdamW on CPU; return the probe at its best validation AUROC and the per-epoch history.
-
-    Targets come from ``encode_labels``. ``report(epoch, {"val_auroc", "val_loss", "train_loss"})`` runs after
-    every epoch (epochs count from 1) so that Ray Tune can record the trial and ASHA can stop it. History rows
-    are {"epoch", "train_loss", "val_loss", "val_auroc"}; the returned probe holds the weights of the epoch
-    with the highest val AUROC (the earliest on ties), in eval mode. Same inputs and ``cfg.seed``, same probe;
-    the caller's torch RNG state is left as it was. ``n_classes`` (multiclass) defaults to the largest index + 1.
-    """
-    # Copies: arrays from Ray's object store (Tune trials) are read-only, which torch tensors cannot share.
+def _training_tensors(
+    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, task: Task
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """Checked float32 copies of the features (arrays from Ray's object store are read-only, which torch tensors
+    cannot share) and the labels as arrays."""
     xt = torch.tensor(np.asarray(train_x, dtype=np.float32))
     xv = torch.tensor(np.asarray(val_x, dtype=np.float32))
     train_y, val_y = np.asarray(train_y), np.asarray(val_y)
@@ -251,42 +236,112 @@ def fit_probe(
         raise ValueError("features contain NaN or infinite values")
     if task != "multilabel" and np.unique(train_y).size < 2:
         raise ValueError("the training labels are single-class")
+    return xt, xv, train_y, val_y
+
+
+def fit_probes(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    task: Task,
+    cfgs: Sequence[ProbeTrainConfig],
+    report: Report | None = None,
+    *,
+    n_classes: int | None = None,
+) -> list[tuple[Probe, list[dict[str, float]]]]:
+    """Train one probe per config together, on the same minibatches; return each at its best validation AUROC
+    with its per-epoch history.
+
+    A sweep's heads are small, so one step over all of them (a summed loss, one backward, one AdamW with a
+    parameter group per head) costs far less than a step per head: per-step overhead is paid once. Each head
+    keeps its own init (its ``seed``), lr, weight decay and number of epochs; they share the batch size and the
+    shuffling (the first config's seed). A head whose loss turns non-finite stops there (its best epoch so far
+    stands); FloatingPointError only when every head diverges.
+
+    ``report(epoch, metrics)`` runs after every epoch with the metrics of that epoch's best head
+    ({"val_auroc", "val_loss", "train_loss", "head": its index in ``cfgs``}), for Ray Tune and ASHA. History
+    rows are {"epoch", "train_loss", "val_loss", "val_auroc"}; each returned probe holds the weights of its
+    epoch with the highest val AUROC (the earliest on ties), in eval mode. Same inputs and seeds, same probes;
+    the caller's torch RNG state is left as it was. ``n_classes`` (multiclass) defaults to the largest index + 1.
+    """
+    if not cfgs:
+        raise ValueError("no probe configs")
+    if len({c.batch_size for c in cfgs}) > 1:
+        raise ValueError("probes trained together share one batch_size")
+    xt, xv, train_y, val_y = _training_tensors(train_x, train_y, val_x, val_y, task)
     n_out = _n_outputs(task, train_y, val_y, n_classes)
     yt, yv = _targets(train_y, task), _targets(val_y, task)
     loss_fn = _loss(task)
-    history: list[dict[str, float]] = []
+    histories: list[list[dict[str, float]]] = [[] for _ in cfgs]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # weight init and dropout
-        model = build_probe(xt.shape[1], n_out, task, cfg)
-        model.fit_standardization(xt)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        shuffle = torch.Generator().manual_seed(cfg.seed)
-        best_auroc, best_state = -math.inf, copy.deepcopy(model.state_dict())
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            total = 0.0
-            for batch in torch.randperm(xt.shape[0], generator=shuffle).split(cfg.batch_size):
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xt[batch]), yt[batch])
-                loss.backward()
+        models = []
+        for cfg in cfgs:
+            torch.manual_seed(cfg.seed)  # this head's init; dropout draws from the stream after the last one
+            models.append(build_probe(xt.shape[1], n_out, task, cfg))
+            models[-1].fit_standardization(xt)
+        pairs = zip(models, cfgs, strict=True)
+        optimizer = torch.optim.AdamW(
+            [{"params": m.parameters(), "lr": c.lr, "weight_decay": c.weight_decay} for m, c in pairs]
+        )
+        shuffle = torch.Generator().manual_seed(cfgs[0].seed)
+        best = [(-math.inf, copy.deepcopy(m.state_dict())) for m in models]
+        training = set(range(len(cfgs)))
+        diverged: set[int] = set()
+        for epoch in range(1, max(c.epochs for c in cfgs) + 1):
+            active = sorted(j for j in training if epoch <= cfgs[j].epochs)
+            if not active:
+                break
+            totals = dict.fromkeys(active, 0.0)
+            for j in active:
+                models[j].train()
+            for batch in torch.randperm(xt.shape[0], generator=shuffle).split(cfgs[0].batch_size):
+                optimizer.zero_grad(set_to_none=True)  # heads left out keep no grad: AdamW skips them
+                losses = torch.stack([loss_fn(models[j](xt[batch]), yt[batch]) for j in active])
+                losses.sum().backward()
                 optimizer.step()
-                total += loss.item() * batch.numel()
-            model.eval()
-            with torch.no_grad():
-                logits = model(xv)
-                val_loss = loss_fn(logits, yv).item()
-            if not (math.isfinite(total) and math.isfinite(val_loss)):
+                for j, loss in zip(active, losses.tolist(), strict=True):
+                    totals[j] += loss * batch.numel()
+            epoch_metrics = {}
+            for j in active:
+                models[j].eval()
+                with torch.no_grad():
+                    logits = models[j](xv)
+                    val_loss = loss_fn(logits, yv).item()
+                if not (math.isfinite(totals[j]) and math.isfinite(val_loss)):
+                    training.discard(j)
+                    diverged.add(j)
+                    continue
+                val_auroc = auroc(val_y, _probabilities(logits, task), task)
+                epoch_metrics[j] = {"train_loss": totals[j] / xt.shape[0], "val_loss": val_loss, "val_auroc": val_auroc}
+                histories[j].append({"epoch": epoch, **epoch_metrics[j]})
+                if val_auroc > best[j][0]:
+                    best[j] = (val_auroc, copy.deepcopy(models[j].state_dict()))
+            if len(diverged) == len(cfgs):
                 raise FloatingPointError(f"probe training diverged (non-finite loss) in epoch {epoch}; lower lr")
-            val_auroc = auroc(val_y, _probabilities(logits, task), task)
-            metrics = {"train_loss": total / xt.shape[0], "val_loss": val_loss, "val_auroc": val_auroc}
-            history.append({"epoch": epoch, **metrics})
-            if report is not None:
-                report(epoch, metrics)
-            if val_auroc > best_auroc:
-                best_auroc, best_state = val_auroc, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    model.eval()
-    return model, history
+            if report is not None and epoch_metrics:
+                top = max(epoch_metrics, key=lambda j: epoch_metrics[j]["val_auroc"])
+                report(epoch, {**epoch_metrics[top], "head": top})
+    for model, (_, state) in zip(models, best, strict=True):
+        model.load_state_dict(state)
+        model.eval()
+    return list(zip(models, histories, strict=True))
+
+
+def fit_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    task: Task,
+    cfg: ProbeTrainConfig,
+    report: Report | None = None,
+    *,
+    n_classes: int | None = None,
+) -> tuple[Probe, list[dict[str, float]]]:
+    """One probe trained alone with AdamW on CPU: ``fit_probes`` with one config (see there)."""
+    (fitted,) = fit_probes(train_x, train_y, val_x, val_y, task, [cfg], report, n_classes=n_classes)
+    return fitted
 
 
 def predict_scores(model: Probe, x: np.ndarray) -> np.ndarray:
@@ -305,6 +360,7 @@ __all__ = [
     "build_probe",
     "encode_labels",
     "fit_probe",
+    "fit_probes",
     "predict_scores",
     "subsample_labels",
 ]

@@ -1,5 +1,6 @@
-"""The probe job: input checks, features, a sweep per (task, encoder, label fraction, label subset), a refit
-scored once on test with patient-bootstrap CIs, MLflow parent and nested runs."""
+"""The probe job: input checks, features, one Tune experiment sweeping every (task, encoder, label fraction,
+label subset) cell, a refit per cell scored once on test with patient-bootstrap CIs, MLflow parent and nested
+runs."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from mermed.probe.report import (
     summarize,
     write_csv,
 )
-from mermed.probe.sweep import SweepData, run_sweep, train_config
+from mermed.probe.sweep import SweepData, mlflow_logger, run_sweeps, train_config
 from mermed.probe.tasks import TaskData, inspect_task
 
 log = logging.getLogger("mermed.probe")
@@ -48,63 +49,59 @@ class ProbeResult:
 
 
 @dataclass(frozen=True)
-class Tracking:
-    """Where the sweeps' trials go: nested runs under the job's parent run."""
+class Cell:
+    """One sweep of the job: a task's features under one encoder, on a stratified ``fraction`` of the training
+    labels (subset ``seed``)."""
 
-    uri: str
-    experiment: str
-    parent_run_id: str
-    storage_path: Path  # Ray Tune's experiment folders
+    data: TaskData
+    encoder: str
+    fraction: float
+    seed: int
+    features: Features
+
+    @property
+    def name(self) -> str:
+        return f"{self.data.task.name}-{self.encoder}-f{self.fraction:g}-s{self.seed}"
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {
+            "task": self.data.task.name,
+            "encoder": self.encoder,
+            "fraction": str(self.fraction),
+            "label_seed": str(self.seed),
+        }
+
+    def sweep_data(self, batch_size: int) -> SweepData:
+        rows = subsample_labels(self.features.y["train"], self.fraction, self.seed, self.data.task.type)
+        x, y = self.features.x, self.features.y
+        n_classes = len(self.data.classes)
+        return SweepData(self.data.task.type, x["train"][rows], y["train"][rows], x["val"], y["val"], n_classes,
+                         batch_size, self.seed)  # fmt: skip
 
 
-def _fit_and_test(
-    features: Features, data: TaskData, encoder: str, fraction: float, seed: int, cfg: ProbeConfig, tracking: Tracking
-) -> Fit:
-    """Sweep on a stratified ``fraction`` of the training labels (subset ``seed``), refit the best, test once."""
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-    tags = {"task": data.task.name, "encoder": encoder, "fraction": str(fraction), "label_seed": str(seed)}
-    callback = MLflowLoggerCallback(
-        tracking_uri=tracking.uri,
-        experiment_name=tracking.experiment,
-        tags={"mlflow.parentRunId": tracking.parent_run_id, **tags},
-        save_artifact=False,
-    )
-    name = f"{tracking.parent_run_id[:8]}-{data.task.name}-{encoder}-f{fraction:g}-s{seed}"
-    task = data.task
-    rows = subsample_labels(features.y["train"], fraction, seed, task.type)
-    sweep_data = SweepData(
-        task=task.type,
-        train_x=features.x["train"][rows],
-        train_y=features.y["train"][rows],
-        val_x=features.x["val"],
-        val_y=features.y["val"],
-        n_classes=len(data.classes),
-        batch_size=cfg.search.batch_size,
-        seed=seed,
-    )
-    config, val_auroc = run_sweep(
-        sweep_data, cfg, name=name, storage_path=tracking.storage_path, callbacks=[callback], seed=cfg.seed + seed
-    )
+def _refit_and_test(cell: Cell, data: SweepData, config: dict[str, Any], val_auroc: float, cfg: ProbeConfig) -> Fit:
+    """The cell's best head refitted on its training labels and scored once on the test split."""
+    task = cell.data.task
     model, _ = fit_probe(
-        sweep_data.train_x,
-        sweep_data.train_y,
-        sweep_data.val_x,
-        sweep_data.val_y,
+        data.train_x,
+        data.train_y,
+        data.val_x,
+        data.val_y,
         task.type,
-        train_config(config, cfg.search.batch_size, seed),
-        n_classes=sweep_data.n_classes,
+        train_config(config, cfg.search.batch_size, cell.seed),
+        n_classes=data.n_classes,
     )
-    y, groups = features.y["test"], features.groups["test"]
-    scores = predict_scores(model, features.x["test"])
+    y, groups = cell.features.y["test"], cell.features.groups["test"]
+    scores = predict_scores(model, cell.features.x["test"])
     lo, hi = bootstrap_ci_or_nan(bootstrap_ci, y, scores, task.type, groups, n_boot=cfg.bootstrap)
     return Fit(
         task=task.name,
-        modality=data.modality,
-        encoder=encoder,
-        fraction=fraction,
-        seed=seed,
-        n_train=len(rows),
+        modality=cell.data.modality,
+        encoder=cell.encoder,
+        fraction=cell.fraction,
+        seed=cell.seed,
+        n_train=len(data.train_y),
         config=config,
         val_auroc=val_auroc,
         auroc=auroc(y, scores, task.type),
@@ -116,6 +113,32 @@ def _fit_and_test(
         groups=groups,
         task_type=task.type,
     )
+
+
+def _sweep_and_test(cells: list[Cell], cfg: ProbeConfig, out: Path, tracking_uri: str, run_id: str) -> list[Fit]:
+    """Every cell's sweep in one Tune experiment (trials as nested MLflow runs under ``run_id``), then the refit
+    and test of each cell's best head."""
+    sweep_data = {cell.name: cell.sweep_data(cfg.search.batch_size) for cell in cells}
+    logger = mlflow_logger(
+        {cell.name: cell.tags for cell in cells},
+        tracking_uri=tracking_uri,
+        experiment_name=cfg.tracking.experiment,
+        tags={"mlflow.parentRunId": run_id},
+        save_artifact=False,
+    )
+    started = time.perf_counter()
+    best = run_sweeps(sweep_data, cfg, name=f"{run_id[:8]}-probe", storage_path=out / "tune", callbacks=[logger])
+    log.info("probe: %d sweeps of %d heads in %.1f s", len(cells), cfg.trials, time.perf_counter() - started)
+    fits = []
+    for cell in cells:
+        config, val_auroc = best[cell.name]
+        fit = _refit_and_test(cell, sweep_data[cell.name], config, val_auroc, cfg)
+        log.info(
+            "%s / %s / %g labels (subset %d): test AUROC %.3f (%.3f-%.3f), best %s",
+            *(fit.task, fit.encoder, fit.fraction, fit.seed, fit.auroc, fit.auroc_lo, fit.auroc_hi, fit.config),
+        )
+        fits.append(fit)
+    return fits
 
 
 @dataclass(frozen=True)
@@ -153,10 +176,8 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking.mlflow_uri, out)
     experiment_id = use_experiment(cfg.tracking.experiment, uri, out)
-    fits: list[Fit] = []
     reused: dict[str, bool] = {}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"probe-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        tracking = Tracking(uri, cfg.tracking.experiment, run.info.run_id, out / "tune")
         mlflow.log_params(
             flatten_params(
                 {
@@ -169,19 +190,19 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
                 }
             )
         )
+        cells = []
+        for data in datas:
+            for enc in encoders:
+                path, reused[f"{enc.tag}/{data.task.name}"] = extract_features(enc, data, out, cfg.extract)
+                features = load_features(path, data)
+                cells += [
+                    Cell(data, enc.tag, fraction, seed, features)
+                    for fraction in sorted(cfg.fractions)
+                    for seed in range(cfg.seeds if fraction < 1 else 1)
+                ]
+        fits = _sweep_and_test(cells, cfg, out, uri, run.info.run_id)
         for data in datas:
             task = data.task
-            for enc in encoders:
-                path, reused[f"{enc.tag}/{task.name}"] = extract_features(enc, data, out, cfg.extract)
-                features = load_features(path, data)
-                for fraction in sorted(cfg.fractions):
-                    for seed in range(cfg.seeds if fraction < 1 else 1):
-                        fit = _fit_and_test(features, data, enc.tag, fraction, seed, cfg, tracking)
-                        log.info(
-                            "%s / %s / %g labels (subset %d): test AUROC %.3f (%.3f-%.3f), best %s",
-                            *(task.name, enc.tag, fraction, seed, fit.auroc, fit.auroc_lo, fit.auroc_hi, fit.config),
-                        )
-                        fits.append(fit)
             roc = out / f"roc_{task.name}.png"
             plot_roc(roc, task.name, task.type, [f for f in fits if f.task == task.name and f.seed == 0])
             mlflow.log_artifact(str(roc))
@@ -197,7 +218,7 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
         for name in ("summary.csv", "summary.md", "results.csv"):
             mlflow.log_artifact(str(out / name))
     log.info("probe: %s; browse with: %s", out / "summary.md", ui_command(uri))
-    return ProbeResult(out, summary, results, tracking.parent_run_id, uri, reused)
+    return ProbeResult(out, summary, results, run.info.run_id, uri, reused)
 
 
-__all__ = ["ProbeInputs", "ProbeResult", "Tracking", "check_inputs", "run_probe_job"]
+__all__ = ["Cell", "ProbeInputs", "ProbeResult", "check_inputs", "run_probe_job"]

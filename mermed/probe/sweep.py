@@ -1,11 +1,17 @@
-"""Ray Tune sweeps of probe heads on cached features: random search with ASHA on the validation AUROC; the
-features reach the trials once, through the object store."""
+"""Ray Tune sweeps of probe heads on cached features: random search on the validation AUROC, every cell of a
+probe job (task, encoder, label fraction, label subset) in one Tune experiment.
+
+A head on cached features trains in a second or two, less than Tune's cost of a trial or of an experiment, so
+the features of every cell reach the trials once, through the object store, each Tune trial trains a batch of
+sampled heads of one cell together (``fit_probes``), and the job pays Tune's fixed cost once, not per cell.
+ASHA stops weak trials when the experiment has a single cell; across cells its rungs would compare AUROCs of
+different tasks, so there every trial runs its epochs (each head still keeps its best epoch)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,7 @@ from mermed.probe.config import (
     ProbeSearchConfig,
     ProbeTrainConfig,
 )
-from mermed.probe.heads import fit_probe
+from mermed.probe.heads import fit_probes
 
 log = logging.getLogger("mermed.probe")
 
@@ -26,7 +32,7 @@ HYPERPARAMETERS = ("head", "lr", "weight_decay", "hidden", "dropout", "epochs") 
 
 @dataclass
 class SweepData:
-    """What every trial of a sweep trains on; it reaches them once, through the object store."""
+    """What the trials of one cell train on; every cell's reaches them once, through the object store."""
 
     task: str
     train_x: np.ndarray
@@ -41,23 +47,6 @@ class SweepData:
 def train_config(config: dict[str, Any], batch_size: int, seed: int) -> ProbeTrainConfig:
     """A trial's sampled hyperparameters as the probe's config."""
     return ProbeTrainConfig(**{k: config[k] for k in HYPERPARAMETERS}, batch_size=batch_size, seed=seed)
-
-
-def probe_trial(config: dict[str, Any], *, data: SweepData) -> None:
-    """Tune function trainable: one probe fit, reporting the val AUROC every epoch (ASHA may stop it)."""
-    from ray import tune
-
-    cfg = train_config(config, data.batch_size, data.seed)
-    fit_probe(
-        data.train_x,
-        data.train_y,
-        data.val_x,
-        data.val_y,
-        data.task,  # type: ignore[arg-type]
-        cfg,
-        report=lambda epoch, metrics: tune.report({"epoch": epoch, **metrics}),
-        n_classes=data.n_classes,
-    )
 
 
 def search_space(cfg: ProbeSearchConfig) -> dict[str, Any]:
@@ -79,42 +68,119 @@ def search_space(cfg: ProbeSearchConfig) -> dict[str, Any]:
     }
 
 
-def run_sweep(
-    data: Any,
+def probe_trial(config: dict[str, Any], *, cells: dict[str, SweepData], report_epochs: frozenset[int]) -> None:
+    """Tune function trainable: the trial's heads, of cell ``config["cell"]``, trained together.
+
+    It reports the best val AUROC so far (over its heads and epochs), with that head's index in
+    ``config["heads"]`` and epoch, only at ``report_epochs`` (ASHA's rungs) and at its end: a Tune report costs
+    more than an epoch of a probe."""
+    from ray import tune
+
+    data = cells[config["cell"]]
+    best: dict[str, float] = {}
+    reported = [0]
+
+    def report(epoch: int, metrics: dict[str, float]) -> None:
+        if not best or metrics["val_auroc"] > best["val_auroc"]:
+            best.update(metrics, best_epoch=epoch)
+        if epoch in report_epochs:
+            tune.report({"epoch": epoch, **best})
+            reported[0] = epoch
+
+    cfgs = [train_config(head, data.batch_size, data.seed) for head in config["heads"]]
+    histories = fit_probes(
+        data.train_x, data.train_y, data.val_x, data.val_y, data.task, cfgs, report, n_classes=data.n_classes
+    )
+    last = max(len(history) for _, history in histories)
+    if last > reported[0]:
+        tune.report({"epoch": last, **best})
+
+
+def report_epochs(search: ProbeSearchConfig, asha: bool) -> frozenset[int]:
+    """The epochs at which ASHA decides (grace period x reduction factor^k below the last epoch); none without."""
+    if not asha:
+        return frozenset()
+    epochs, last = set(), max(search.epochs)
+    rung = search.grace_period
+    while rung < last:
+        epochs.add(rung)
+        rung *= search.reduction_factor
+    return frozenset(epochs)
+
+
+def heads_per_trial(cfg: ProbeConfig, n_cells: int, cpus: float) -> int:
+    """How many of a cell's heads one Tune trial trains: ``cfg.heads_per_trial``, or as many as spread the job's
+    heads evenly over the cluster's CPUs (one trial per CPU), at most a whole cell's."""
+    if cfg.heads_per_trial is not None:
+        return min(cfg.heads_per_trial, cfg.trials)
+    return min(cfg.trials, math.ceil(cfg.trials * n_cells / max(1, int(cpus))))
+
+
+def mlflow_logger(cell_tags: dict[str, dict[str, str]], **kwargs: Any):
+    """Ray's ``MLflowLoggerCallback(**kwargs)``, with each trial's nested run also tagged with its cell's tags
+    (task, encoder, fraction, label subset): one Tune experiment holds every cell of the job."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class CellTaggedLogger(MLflowLoggerCallback):
+        def log_trial_start(self, trial) -> None:
+            common = dict(self.tags)
+            self.tags = {**common, **cell_tags[trial.config["cell"]]}
+            try:
+                super().log_trial_start(trial)
+            finally:
+                self.tags = common
+
+    return CellTaggedLogger(**kwargs)
+
+
+def run_sweeps(
+    cells: dict[str, SweepData],
     cfg: ProbeConfig,
     *,
     name: str,
     storage_path: Path,
     callbacks: list,
-    seed: int,
-    trainable: Callable[..., None] = probe_trial,
-) -> tuple[dict[str, Any], float]:
-    """Random search with ASHA over ``cfg.search``; returns the best trial's config and its best val AUROC.
-
-    ``trainable(config, data=data)`` runs one trial (bench/probe.py passes one that re-runs the encoder).
-    """
+) -> dict[str, tuple[dict[str, Any], float]]:
+    """Random search over ``cfg.search`` for every cell: ``cfg.trials`` heads per cell (rounded up to whole
+    trials) drawn by Tune; returns per cell its best head's config and that head's best val AUROC."""
+    import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    if not cells:
+        raise ValueError("no cells to sweep")
     search = cfg.search
     # Ray's newer console output prints a configuration table per sweep even at verbose=0; the classic one is
     # silent there (this job logs one line per fit itself). An explicit setting in the environment wins.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    per_trial = heads_per_trial(cfg, len(cells), ray.cluster_resources().get("CPU", 1))
+    asha = len(cells) == 1
+    scheduler = (
+        ASHAScheduler(
+            time_attr="epoch",  # trials report at rungs only, so reports are not epochs
+            max_t=max(search.epochs),
+            grace_period=search.grace_period,
+            reduction_factor=search.reduction_factor,
+        )
+        if asha
+        else FIFOScheduler()
+    )
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trainable, data=data), {"cpu": 1}),
-        param_space=search_space(search),
+        tune.with_resources(
+            tune.with_parameters(probe_trial, cells=cells, report_epochs=report_epochs(search, asha)), {"cpu": 1}
+        ),
+        param_space={
+            "cell": tune.grid_search(sorted(cells)),
+            "heads": [search_space(search) for _ in range(per_trial)],
+        },
         tune_config=tune.TuneConfig(
             metric="val_auroc",
             mode="max",
-            num_samples=cfg.trials,
-            scheduler=ASHAScheduler(
-                max_t=max(search.epochs),
-                grace_period=search.grace_period,
-                reduction_factor=search.reduction_factor,
-            ),
-            search_alg=BasicVariantGenerator(random_state=seed),
-            trial_name_creator=lambda trial: f"{name}-{trial.trial_id}",
+            num_samples=math.ceil(cfg.trials / per_trial),
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=cfg.seed),
+            trial_name_creator=lambda trial: f"{trial.config['cell']}-{trial.trial_id}",
             trial_dirname_creator=lambda trial: trial.trial_id,
             reuse_actors=True,
         ),
@@ -123,7 +189,16 @@ def run_sweep(
     grid = tuner.fit()
     if grid.errors:
         log.warning("sweep %s: %d of %d trials failed, e.g. %s", name, len(grid.errors), len(grid), grid.errors[0])
-    if len(grid.errors) == len(grid):
-        raise RuntimeError(f"sweep {name}: every trial failed; the first error: {grid.errors[0]}")
-    best = grid.get_best_result(metric="val_auroc", mode="max", scope="all")
-    return dict(best.config), float(best.metrics_dataframe["val_auroc"].max())
+    best: dict[str, tuple[dict[str, Any], float]] = {}
+    for result in grid:
+        if result.error is not None or not result.metrics or "val_auroc" not in result.metrics:
+            continue
+        top = result.metrics  # the last report holds the trial's best so far (ASHA may have stopped it earlier)
+        cell = result.config["cell"]
+        if cell not in best or top["val_auroc"] > best[cell][1]:
+            best[cell] = (dict(result.config["heads"][int(top["head"])]), float(top["val_auroc"]))
+    unswept = sorted(set(cells) - set(best))
+    if unswept:
+        first = grid.errors[0] if grid.errors else "no result"
+        raise RuntimeError(f"sweep {name}: every trial of {', '.join(unswept)} failed; the first error: {first}")
+    return best
