@@ -17,6 +17,7 @@ from mermed.probe.heads import (
     fit_probe,
     fit_probes,
     predict_scores,
+    rung_epochs,
     subsample_labels,
 )
 
@@ -167,6 +168,20 @@ def test_heads_trained_together_are_the_heads_trained_alone() -> None:
         rows = {j: h[epoch - 1] for j, (_, h) in enumerate(together) if epoch <= len(h)}
         assert metrics["val_auroc"] == max(r["val_auroc"] for r in rows.values())
         assert rows[metrics["head"]]["val_auroc"] == metrics["val_auroc"]
+
+
+def test_successive_halving_keeps_the_best_third_at_each_rung() -> None:
+    x, y = _blobs(300, 2, 8, seed=11, spread=0.3)
+    cfgs = [
+        FAST.model_copy(update={"epochs": 10, "lr": lr, "seed": j}) for j, lr in enumerate(np.geomspace(1e-5, 1e-1, 9))
+    ]
+    assert rung_epochs(2, 3, 10) == {2, 6}
+    fitted = fit_probes(x[:200], y[:200], x[200:], y[200:], "binary", cfgs, halving=(2, 3))
+    lengths = [len(history) for _, history in fitted]
+    assert sorted(lengths) == [2] * 6 + [6] * 2 + [10]
+    best_at = {j: max(h["val_auroc"] for h in history[:2]) for j, (_, history) in enumerate(fitted)}
+    went_on = {j for j, n in enumerate(lengths) if n > 2}
+    assert min(best_at[j] for j in went_on) >= max(best_at[j] for j in set(best_at) - went_on)
 
 
 def test_a_diverging_head_stops_and_the_others_train_on() -> None:

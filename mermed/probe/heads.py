@@ -239,6 +239,15 @@ def _training_tensors(
     return xt, xv, train_y, val_y
 
 
+def rung_epochs(grace_period: int, reduction_factor: int, last_epoch: int) -> frozenset[int]:
+    """Successive halving's rungs: grace_period x reduction_factor^k, below ``last_epoch`` (ASHA's milestones)."""
+    rungs, epoch = set(), grace_period
+    while epoch < last_epoch:
+        rungs.add(epoch)
+        epoch *= reduction_factor
+    return frozenset(rungs)
+
+
 def fit_probes(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -249,6 +258,7 @@ def fit_probes(
     report: Report | None = None,
     *,
     n_classes: int | None = None,
+    halving: tuple[int, int] | None = None,
 ) -> list[tuple[Probe, list[dict[str, float]]]]:
     """Train one probe per config together, on the same minibatches; return each at its best validation AUROC
     with its per-epoch history.
@@ -257,7 +267,9 @@ def fit_probes(
     parameter group per head) costs far less than a step per head: per-step overhead is paid once. Each head
     keeps its own init (its ``seed``), lr, weight decay and number of epochs; they share the batch size and the
     shuffling (the first config's seed). A head whose loss turns non-finite stops there (its best epoch so far
-    stands); FloatingPointError only when every head diverges.
+    stands); FloatingPointError only when every head diverges. ``halving=(grace_period, reduction_factor)``
+    applies ASHA's rule to the heads themselves: at each rung (``rung_epochs``) only the best 1/reduction_factor
+    of the heads still training (by their best val AUROC so far) go on, the others stop with their best epoch.
 
     ``report(epoch, metrics)`` runs after every epoch with the metrics of that epoch's best head
     ({"val_auroc", "val_loss", "train_loss", "head": its index in ``cfgs``}), for Ray Tune and ASHA. History
@@ -288,7 +300,9 @@ def fit_probes(
         best = [(-math.inf, copy.deepcopy(m.state_dict())) for m in models]
         training = set(range(len(cfgs)))
         diverged: set[int] = set()
-        for epoch in range(1, max(c.epochs for c in cfgs) + 1):
+        last_epoch = max(c.epochs for c in cfgs)
+        rungs = rung_epochs(*halving, last_epoch) if halving else frozenset()
+        for epoch in range(1, last_epoch + 1):
             active = sorted(j for j in training if epoch <= cfgs[j].epochs)
             if not active:
                 break
@@ -319,6 +333,9 @@ def fit_probes(
                     best[j] = (val_auroc, copy.deepcopy(models[j].state_dict()))
             if len(diverged) == len(cfgs):
                 raise FloatingPointError(f"probe training diverged (non-finite loss) in epoch {epoch}; lower lr")
+            if epoch in rungs:
+                alive = sorted((j for j in active if j in training), key=lambda j: best[j][0], reverse=True)
+                training -= set(alive[math.ceil(len(alive) / halving[1]) :])  # type: ignore[index]
             if report is not None and epoch_metrics:
                 top = max(epoch_metrics, key=lambda j: epoch_metrics[j]["val_auroc"])
                 report(epoch, {**epoch_metrics[top], "head": top})
@@ -362,5 +379,6 @@ __all__ = [
     "fit_probe",
     "fit_probes",
     "predict_scores",
+    "rung_epochs",
     "subsample_labels",
 ]

@@ -23,7 +23,7 @@ from mermed.probe.config import (
     ProbeSearchConfig,
     ProbeTrainConfig,
 )
-from mermed.probe.heads import fit_probes
+from mermed.probe.heads import fit_probes, rung_epochs
 
 log = logging.getLogger("mermed.probe")
 
@@ -68,44 +68,42 @@ def search_space(cfg: ProbeSearchConfig) -> dict[str, Any]:
     }
 
 
-def probe_trial(config: dict[str, Any], *, cells: dict[str, SweepData], report_epochs: frozenset[int]) -> None:
-    """Tune function trainable: the trial's heads, of cell ``config["cell"]``, trained together.
+def probe_trial(config: dict[str, Any], *, cells: dict[str, SweepData], search: ProbeSearchConfig, asha: bool) -> None:
+    """Tune function trainable: the trial's heads, of cell ``config["cell"]``, trained together, successive
+    halving among them at ASHA's rungs (``search.grace_period``, ``search.reduction_factor``).
 
     It reports the best val AUROC so far (over its heads and epochs), with that head's index in
-    ``config["heads"]`` and epoch, only at ``report_epochs`` (ASHA's rungs) and at its end: a Tune report costs
-    more than an epoch of a probe."""
+    ``config["heads"]`` and epoch, at the rungs when ASHA schedules the trials (``asha``) and at its end: a Tune
+    report costs more than an epoch of a probe."""
     from ray import tune
 
     data = cells[config["cell"]]
+    cfgs = [train_config(head, data.batch_size, data.seed) for head in config["heads"]]
+    rungs = rung_epochs(search.grace_period, search.reduction_factor, max(c.epochs for c in cfgs)) if asha else ()
     best: dict[str, float] = {}
     reported = [0]
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
         if not best or metrics["val_auroc"] > best["val_auroc"]:
             best.update(metrics, best_epoch=epoch)
-        if epoch in report_epochs:
+        if epoch in rungs:
             tune.report({"epoch": epoch, **best})
             reported[0] = epoch
 
-    cfgs = [train_config(head, data.batch_size, data.seed) for head in config["heads"]]
-    histories = fit_probes(
-        data.train_x, data.train_y, data.val_x, data.val_y, data.task, cfgs, report, n_classes=data.n_classes
+    fitted = fit_probes(
+        data.train_x,
+        data.train_y,
+        data.val_x,
+        data.val_y,
+        data.task,  # type: ignore[arg-type]
+        cfgs,
+        report,
+        n_classes=data.n_classes,
+        halving=(search.grace_period, search.reduction_factor),
     )
-    last = max(len(history) for _, history in histories)
+    last = max(len(history) for _, history in fitted)
     if last > reported[0]:
         tune.report({"epoch": last, **best})
-
-
-def report_epochs(search: ProbeSearchConfig, asha: bool) -> frozenset[int]:
-    """The epochs at which ASHA decides (grace period x reduction factor^k below the last epoch); none without."""
-    if not asha:
-        return frozenset()
-    epochs, last = set(), max(search.epochs)
-    rung = search.grace_period
-    while rung < last:
-        epochs.add(rung)
-        rung *= search.reduction_factor
-    return frozenset(epochs)
 
 
 def heads_per_trial(cfg: ProbeConfig, n_cells: int, cpus: float) -> int:
@@ -167,9 +165,7 @@ def run_sweeps(
         else FIFOScheduler()
     )
     tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(probe_trial, cells=cells, report_epochs=report_epochs(search, asha)), {"cpu": 1}
-        ),
+        tune.with_resources(tune.with_parameters(probe_trial, cells=cells, search=search, asha=asha), {"cpu": 1}),
         param_space={
             "cell": tune.grid_search(sorted(cells)),
             "heads": [search_space(search) for _ in range(per_trial)],
