@@ -234,7 +234,7 @@ def test_compiled_backbones_train_as_the_eager_ones():
     a, b = _snapshot(eager), _snapshot(compiled)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)  # AdamW magnifies tiny gradient noise
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-3)  # AdamW magnifies tiny gradient noise
 
 
 def test_resume_from_checkpoint_is_bit_identical(tmp_path):
