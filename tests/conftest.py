@@ -21,7 +21,6 @@ def _start_ray():
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return ray
 
 
 @pytest.fixture(scope="session")

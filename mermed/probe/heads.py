@@ -263,8 +263,9 @@ def fit_probes(
     """Train one probe per config together, on the same minibatches; return each at its best validation AUROC
     with its per-epoch history.
 
-    A sweep's heads are small, so one step over all of them (a summed loss, one backward, one AdamW with a
-    parameter group per head) costs far less than a step per head: per-step overhead is paid once. Each head
+    One step serves all the heads (a summed loss, one backward, one AdamW with a parameter group per head), so
+    the per-step overhead is paid once; on CPU the heads' matmuls still dominate, and what makes a sweep of many
+    heads cheap is ``halving``, which stops the weak ones early. Each head
     keeps its own init (its ``seed``), lr, weight decay and number of epochs; they share the batch size and the
     shuffling (the first config's seed). A head whose loss turns non-finite stops there (its best epoch so far
     stands); FloatingPointError only when every head diverges. ``halving=(grace_period, reduction_factor)``

@@ -81,14 +81,15 @@ def probe_trial(config: dict[str, Any], *, cells: dict[str, SweepData], search: 
     cfgs = [train_config(head, data.batch_size, data.seed) for head in config["heads"]]
     rungs = rung_epochs(search.grace_period, search.reduction_factor, max(c.epochs for c in cfgs)) if asha else ()
     best: dict[str, float] = {}
-    reported = [0]
+    reported = 0
 
     def report(epoch: int, metrics: dict[str, float]) -> None:
+        nonlocal reported
         if not best or metrics["val_auroc"] > best["val_auroc"]:
             best.update(metrics, best_epoch=epoch)
         if epoch in rungs:
             tune.report({"epoch": epoch, **best})
-            reported[0] = epoch
+            reported = epoch
 
     fitted = fit_probes(
         data.train_x,
@@ -102,7 +103,7 @@ def probe_trial(config: dict[str, Any], *, cells: dict[str, SweepData], search: 
         halving=(search.grace_period, search.reduction_factor),
     )
     last = max(len(history) for _, history in fitted)
-    if last > reported[0]:
+    if last > reported:
         tune.report({"epoch": last, **best})
 
 
