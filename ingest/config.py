@@ -77,6 +77,9 @@ class IngestConfig(StrictModel):
     val_fraction: float = Field(default=0.1, ge=0, lt=1)
     test_fraction: float = Field(default=0.1, ge=0, lt=1)
     deduplicate: bool = True
+    # Attempts a read task gets when its worker process dies (a native crash, the OOM killer). After them the
+    # task's inputs are read again one per task, and a file whose own task dies as often is quarantined.
+    read_attempts: int = Field(default=3, ge=1, le=10)
     # Label-CSV columns kept as string row attributes for subgroup metrics (e.g. [sex, age_group, site]); any
     # other extra column is an error, so that no free-text column reaches the shards unasked.
     attributes: list[AttributeName] = Field(default=[], max_length=32)

@@ -5,12 +5,17 @@ duplicates of images already written) or quarantined with a reason, so ``discove
 
 Reading and encoding, the costly part, run in parallel Ray tasks; the driver streams their rows in input order
 (``preserve_order``) into shards, which gives deterministic shard names and contents and one place to deduplicate.
-Shards are written under ``OUT/_staging-*`` (hidden from Parquet readers) and moved into place before the manifest,
-which is written last: a crash leaves the previous output as it was.
+Shards, the quarantine table and the manifest are written under ``OUT/_staging-*`` (hidden from Parquet readers)
+and moved into place, the manifest last: a crash, or a disk that fills up, leaves the previous output as it was.
+
+A read task whose worker process dies (a native crash in a decoder, the OOM killer) is retried
+``read_attempts`` times; then its block is dropped, its inputs are read again one per task, and a file whose own
+task keeps dying is quarantined ("worker died while decoding"): one poison file never stops an archive.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -434,6 +439,62 @@ class ShardWriter:
 
 
 @dataclass
+class _Tally:
+    """What the driver keeps while the read blocks stream in: the shard writer, the manifest's counts, the pixel
+    digests seen (for deduplication), the quarantine rows, and one flag per input that has reported back (rows or
+    a failure), by which the inputs lost with a task that kept dying are found."""
+
+    writer: ShardWriter
+    deduplicate: bool
+    reported: np.ndarray
+    seen: set[str] = field(default_factory=set)
+    duplicates: int = 0
+    failed_rows: list[dict] = field(default_factory=list)
+    modalities: Counter[str] = field(default_factory=Counter)
+    splits: Counter[tuple[str, str]] = field(default_factory=Counter)  # (modality, split) -> rows
+    moments: dict[str, PixelMoments] = field(default_factory=dict)
+
+    def add(self, batch: pa.Table) -> None:
+        self.reported[np.asarray(batch.column("_input"))] = True
+        failed = pa.compute.equal(batch.column("_status"), "failed")
+        self.failed_rows.extend(batch.filter(failed).select(["source", *_ERROR_COLUMNS[1:]]).to_pylist())
+        ok = batch.filter(pa.compute.invert(failed))
+        keep = []
+        for i, digest in enumerate(ok.column("pixel_sha256").to_pylist()):
+            if self.deduplicate and digest in self.seen:
+                self.duplicates += 1
+                continue
+            self.seen.add(digest)
+            keep.append(i)
+        if keep:
+            kept = ok.take(keep)
+            _add_moments(self.moments, kept)
+            table = kept.select([c.name for c in ROW_SCHEMA])
+            modality, split = table.column("modality").to_pylist(), table.column("split").to_pylist()
+            self.modalities.update(modality)
+            self.splits.update(zip(modality, split, strict=True))
+            self.writer.write(table)
+
+
+def _read_isolated(lost: list[Unit], ctx: ReadContext, attempts: int) -> Iterator[pa.Table]:
+    """Read each lost unit in a Ray task of its own (``attempts`` tries), in input order; yields its block, or a
+    quarantine row per file for a unit whose own task dies every time (the poison input that killed its block)."""
+    import ray
+
+    read = ray.remote(num_cpus=1, max_retries=attempts - 1)(_read_batch)
+    shared = ray.put(ctx)
+    refs = [read.remote({"unit": [_unit_to_json(u)]}, shared) for u in lost]
+    for unit, ref in zip(lost, refs, strict=True):
+        try:
+            yield ray.get(ref)
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as err:
+            cause = "ran out of memory" if isinstance(err, ray.exceptions.OutOfMemoryError) else "died"
+            message = f"worker {cause} while decoding ({attempts} attempts in a task of its own)"
+            rows = [_failure(f, ctx, "read", "WorkerDied", message) for f in unit.files]
+            yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+@dataclass
 class IngestResult:
     output: str
     manifest: dict
@@ -534,49 +595,41 @@ def run_ingest(
     cpus = int(ray.cluster_resources().get("CPU", 1))
     blocks = min(len(units), max(4 * cpus, math.ceil(len(units) / UNITS_PER_BLOCK)))
     ds = ray.data.from_items([{"unit": _unit_to_json(u)} for u in units], override_num_blocks=blocks)
-    ds = ds.map_batches(_read_batch, fn_kwargs={"ctx": ctx}, batch_size=1, batch_format="numpy")
+    with warnings.catch_warnings():  # Ray 2.60 deprecates **ray_remote_args but names no parameter for retries
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(
+            _read_batch, fn_kwargs={"ctx": ctx}, batch_size=1, batch_format="numpy", max_retries=cfg.read_attempts - 1
+        )
     ds.context.execution_options.preserve_order = True  # rows reach the writer in input order: deterministic shards
+    # A block whose task died read_attempts times is dropped here, not the run: its inputs never report back,
+    # and _read_isolated reads them again one per task.
+    ds.context.max_errored_blocks = -1
 
     staging = posixpath.join(out, f"_staging-{uuid.uuid4().hex[:12]}")
-    writer = ShardWriter(out_fs, staging, cfg)
-    seen: set[str] = set()
-    duplicates = 0
-    failed_rows: list[dict] = []
-    modalities: Counter[str] = Counter()
-    splits: Counter[tuple[str, str]] = Counter()  # (modality, split) -> rows
-    moments: dict[str, PixelMoments] = {}
+    tally = _Tally(ShardWriter(out_fs, staging, cfg), cfg.deduplicate, np.zeros(len(files), dtype=bool))
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
-            failed = pa.compute.equal(batch.column("_status"), "failed")
-            failed_rows.extend(batch.filter(failed).select(["source", *_ERROR_COLUMNS[1:]]).to_pylist())
-            ok = batch.filter(pa.compute.invert(failed))
-            keep = []
-            for i, digest in enumerate(ok.column("pixel_sha256").to_pylist()):
-                if cfg.deduplicate and digest in seen:
-                    duplicates += 1
-                    continue
-                seen.add(digest)
-                keep.append(i)
-            if keep:
-                kept = ok.take(keep)
-                _add_moments(moments, kept)
-                table = kept.select([c.name for c in ROW_SCHEMA])
-                modalities.update(table.column("modality").to_pylist())
-                splits.update(zip(table.column("modality").to_pylist(), table.column("split").to_pylist(), strict=True))
-                writer.write(table)
-        writer.close()
-        quarantined = sorted({r["_input"] for r in failed_rows})
+            tally.add(batch)
+        lost = [u for u in units if not tally.reported[[f.index for f in u.files]].all()]
+        if lost:
+            log.warning("ingest: %d read units were lost with their dying tasks; reading them one per task", len(lost))
+            for block in _read_isolated(lost, ctx, cfg.read_attempts):
+                tally.add(block)
+        tally.writer.close()
+        quarantined = sorted({r["_input"] for r in tally.failed_rows})
         manifest = {
             "discovered": len(files),
             "ingested": len(files) - len(quarantined),
             "quarantined": len(quarantined),
-            "duplicates": duplicates,
-            "rows": sum(modalities.values()),
-            "modalities": dict(sorted(modalities.items())),
-            "splits": {m: {sp: n for (mm, sp), n in sorted(splits.items()) if mm == m} for m in sorted(modalities)},
-            "pixel_moments": {m: v.to_manifest() for m, v in sorted(moments.items())},
-            "bytes": writer.bytes,
-            "shards": writer.written,
+            "duplicates": tally.duplicates,
+            "rows": sum(tally.modalities.values()),
+            "modalities": dict(sorted(tally.modalities.items())),
+            "splits": {
+                m: {sp: n for (mm, sp), n in sorted(tally.splits.items()) if mm == m} for m in sorted(tally.modalities)
+            },
+            "pixel_moments": {m: v.to_manifest() for m, v in sorted(tally.moments.items())},
+            "bytes": tally.writer.bytes,
+            "shards": tally.writer.written,
             "labels_unmatched": unmatched,
             "dataset": cfg.dataset,
             "versions": _versions(),
@@ -585,7 +638,14 @@ def run_ingest(
             "started": started,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _commit(out_fs, out, staging, writer.written, failed_rows, manifest, previous)
+        _commit(out_fs, out, staging, tally.writer.written, tally.failed_rows, manifest, previous)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise IngestError(
+            f"ingest: no space left on the device of {output} while writing the new shards; the previous output "
+            "there is unchanged (nothing was moved into place). Free space and run again."
+        ) from None
     finally:
         _remove_staging(out_fs, staging)
     log.info(
@@ -594,7 +654,7 @@ def run_ingest(
         manifest["ingested"],
         manifest["quarantined"],
         manifest["rows"],
-        duplicates,
+        tally.duplicates,
     )
     return IngestResult(output, manifest)
 
@@ -612,16 +672,9 @@ def _remove_staging(fs, staging: str) -> None:
 def _commit(
     fs, out: str, staging: str, shards: list[str], failed: list[dict], manifest: dict, previous: dict | None
 ) -> None:
-    """Move the new shards into place, write the quarantine table, then the manifest last; then remove what
-    crashed runs left in their staging folders."""
-    stale = set(previous.get("shards", [])) if previous else set()
-    stale |= {posixpath.relpath(p, out) for p in fs.glob(posixpath.join(out, "modality=*", "part-*.parquet"))}
-    for rel in sorted(stale - set(shards)):
-        fs.rm(posixpath.join(out, rel))
-    for rel in shards:
-        dest = posixpath.join(out, rel)
-        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
-        fs.mv(posixpath.join(staging, rel), dest)
+    """Write the quarantine table and the manifest into the staging folder, then move the new shards into place
+    and those two files after them, the manifest last; then remove what crashed runs left in their staging
+    folders. Everything that needs space is written before the visible output changes (moves are renames)."""
     rows = sorted(
         (
             {"source": r["source"], "stage": r["_stage"], "error_class": r["_error_class"], "message": r["_message"]}
@@ -629,12 +682,18 @@ def _commit(
         ),
         key=lambda r: (r["source"], r["stage"]),
     )
-    with fs.open(posixpath.join(out, QUARANTINE), "wb") as fh:
+    with fs.open(posixpath.join(staging, QUARANTINE), "wb") as fh:
         pq.write_table(pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA), fh, compression="zstd")
-    tmp = posixpath.join(out, f"_manifest.tmp-{uuid.uuid4().hex[:8]}")
-    with fs.open(tmp, "wb") as fh:
+    with fs.open(posixpath.join(staging, MANIFEST), "wb") as fh:
         fh.write(json.dumps(manifest, indent=2, sort_keys=False).encode())
-    fs.mv(tmp, posixpath.join(out, MANIFEST))
+    stale = set(previous.get("shards", [])) if previous else set()
+    stale |= {posixpath.relpath(p, out) for p in fs.glob(posixpath.join(out, "modality=*", "part-*.parquet"))}
+    for rel in sorted(stale - set(shards)):
+        fs.rm(posixpath.join(out, rel))
+    for rel in [*shards, QUARANTINE, MANIFEST]:
+        dest = posixpath.join(out, rel)
+        fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+        fs.mv(posixpath.join(staging, rel), dest)
     for leftover in fs.glob(posixpath.join(out, "_staging-*")):  # of runs that crashed before their commit
         if posixpath.normpath(leftover) != posixpath.normpath(staging):
             fs.rm(leftover, recursive=True)

@@ -111,3 +111,33 @@ def killing(title: str, ready: Callable[[], bool] = lambda: True) -> Iterator[li
     finally:
         done.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def killing_readers_of(path: str | Path) -> Iterator[list[int]]:
+    """While the body runs, SIGKILL each of our Ray workers as soon as it has ``path`` open, every time one does:
+    a file whose decoding kills its worker, with no hook in the product. Yields the killed pids."""
+    target = os.path.realpath(path)
+    killed: list[int] = []
+    done = threading.Event()
+
+    def holds(pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return any(os.readlink(fd) == target for fd in Path(f"/proc/{pid}/fd").iterdir())
+        return False
+
+    def hunt() -> None:
+        while not done.is_set():
+            for pid in _own_processes("ray::"):
+                if holds(pid):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            done.wait(0.005)
+
+    thread = threading.Thread(target=hunt, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()

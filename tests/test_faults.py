@@ -31,11 +31,11 @@ import pytest
 import tifffile
 import torch
 import yaml
-from helpers import killing, proc_stat, tiny_config
+from helpers import killing, killing_readers_of, proc_stat, tiny_config
 from safetensors.torch import load_file
 
 from ingest.config import IngestConfig
-from ingest.pipeline import QUARANTINE, ShardWriter, run_ingest
+from ingest.pipeline import MANIFEST, QUARANTINE, IngestError, ShardWriter, run_ingest
 from ingest.samples import make_sample_corpus
 from mermed.config import PretrainConfig
 from mermed.data import BalancedBatches
@@ -122,6 +122,76 @@ def test_killed_read_worker_is_retried_without_loss_or_duplicate(ray_session, vo
     hashes = _shard_hashes(LOCAL, str(tmp_path / "faulted"), faulted)
     assert len(hashes) == len(set(hashes)) == 80
     assert hashes == _shard_hashes(LOCAL, str(tmp_path / "clean"), clean)  # same rows, same order
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(clean root, the same files plus a poison file, the poison file): 15 small OCT volumes make tasks of two
+    files (2 CPUs), so the poison takes a good file down with it; its 120 pages keep it open long enough for
+    the killer to see it on every attempt."""
+    base = tmp_path_factory.mktemp("poison")
+    rng = np.random.default_rng(11)
+    clean, dirty = base / "clean" / "oct", base / "poisoned" / "oct"
+    for folder in (clean, dirty):
+        folder.mkdir(parents=True)
+    for i in range(15):
+        pages = rng.integers(0, 256, (2, 48, 48), dtype=np.uint8)
+        for folder in (clean, dirty):
+            tifffile.imwrite(folder / f"vol_{i:02d}.tif", pages)
+    poison = dirty / "vol_07p.tif"  # sorts into the middle of the inputs
+    tifffile.imwrite(poison, rng.integers(0, 256, (120, 256, 256), dtype=np.uint8))
+    return clean.parent, dirty.parent, poison
+
+
+def test_poison_input_that_kills_its_worker_is_quarantined_and_the_rest_ingested(ray_session, poisoned, tmp_path):
+    """Every process that opens the poison file is SIGKILLed, on every attempt: after read_attempts its block is
+    dropped, its inputs are read one per task, the poison is quarantined and everything else is ingested."""
+    clean_root, dirty_root, poison = poisoned
+    cfg = IngestConfig(read_attempts=2)
+    clean = run_ingest([str(clean_root)], str(tmp_path / "clean"), cfg, key=KEY).manifest
+    with killing_readers_of(poison) as killed:
+        dirty = run_ingest([str(dirty_root)], str(tmp_path / "dirty"), cfg, key=KEY).manifest
+    assert len(killed) == 4  # 2 attempts of the block, then 2 of the poison's own task
+    assert (dirty["discovered"], dirty["ingested"], dirty["quarantined"]) == (16, 15, 1)
+    assert dirty["rows"] == clean["rows"] == 30
+    hashes = _shard_hashes(LOCAL, str(tmp_path / "dirty"), dirty)
+    assert sorted(hashes) == sorted(_shard_hashes(LOCAL, str(tmp_path / "clean"), clean))
+    (row,) = pq.read_table(tmp_path / "dirty" / QUARANTINE).to_pylist()
+    assert (row["stage"], row["error_class"]) == ("read", "WorkerDied")
+    assert row["message"] == "worker died while decoding (2 attempts in a task of its own)"
+    assert "vol_07p" not in json.dumps(row)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_disk_full_while_writing_shards_fails_clearly_and_keeps_the_previous_output(ray_session, volumes, tmp_path):
+    """The output lives on a 1 MB tmpfs: a first small ingest fits, the next one (about 3 MB of shards) fills
+    the disk. The error names the output, the previous output is byte-identical and readable, nothing half
+    written is left, and the same run on a larger disk completes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root: " + mounted.stderr.decode(errors="replace").strip())
+    try:
+        small = tmp_path / "small" / "oct"
+        small.mkdir(parents=True)
+        for name in ("vol_00.tif", "vol_01.tif"):
+            shutil.copy(volumes / "oct" / name, small / name)
+        first = run_ingest([str(small.parent)], str(out), IngestConfig(), key=KEY).manifest
+        before = _files(out)
+        with pytest.raises(IngestError, match=f"no space left on the device of {out}.*previous output"):
+            run_ingest([str(volumes)], str(out), IngestConfig(), key=KEY)
+        assert _files(out) == before
+        assert json.loads((out / MANIFEST).read_text()) == first
+        assert sum(pq.read_table(out / rel).num_rows for rel in first["shards"]) == first["rows"] == 10
+        subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
+        again = run_ingest([str(volumes)], str(out), IngestConfig(), key=KEY).manifest
+        assert again["rows"] == 80 and sorted(_files(out)) == sorted([MANIFEST, QUARANTINE, *again["shards"]])
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
 
 
 def test_object_store_stopped_mid_write_fails_clearly_and_rerun_completes(ray_session, corpus, tmp_path, monkeypatch):
