@@ -178,6 +178,12 @@ class DataConfig(StrictModel):
 class TrackingConfig(StrictModel):
     mlflow_uri: str | None = None  # None: MLFLOW_TRACKING_URI or a local sqlite store
     experiment: str = "mermed-pretrain"
+    # While the tracking server is unreachable, metrics wait in memory (up to max_pending, newer ones are then
+    # counted and dropped) and are retried every retry_s; the end of a run waits up to reconnect_timeout_s for
+    # them and for its final status before it gives up (the encoder is written regardless).
+    retry_s: float = Field(default=5.0, gt=0)
+    max_pending: int = Field(default=1_000_000, ge=1000)
+    reconnect_timeout_s: float = Field(default=600.0, ge=0)
 
 
 class PretrainConfig(StrictModel):

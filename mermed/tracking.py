@@ -1,4 +1,5 @@
-"""MLflow helpers: where the tracking store is, and what may be logged as params.
+"""MLflow helpers: where the tracking store is, what may be logged as params, and logging that outlives a
+tracking server that goes away.
 
 No ``MLFLOW_TRACKING_URI`` and no URI in the config: a local sqlite store ``<workdir>/mlflow.db`` with artifacts
 in ``<workdir>/mlartifacts``, which ``mlflow ui --backend-store-uri sqlite:///<workdir>/mlflow.db`` shows.
@@ -6,16 +7,24 @@ in ``<workdir>/mlartifacts``, which ``mlflow ui --backend-store-uri sqlite:///<w
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
+import logging
 import os
 import posixpath
 import re
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ingest import storage
 from mermed.config import TrackingConfig
+
+log = logging.getLogger("mermed.tracking")
+T = TypeVar("T")
 
 RUN_FILE = "mlflow_run.json"  # beside a run's checkpoints: the MLflow run a resumed run keeps logging to
 
@@ -90,3 +99,122 @@ def resumable_run(
     with fs.open(marker, "wb") as fh:
         fh.write(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}).encode())
     return run.info.run_id, uri
+
+
+# ----------------------------------------------------------------------------------------------- outages
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether ``err`` says the tracking server could not be reached (worth retrying), rather than that it
+    refused the request."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):  # MLflow wraps connection errors as INTERNAL_ERROR
+        return err.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+    return isinstance(err, (requests.RequestException, ConnectionError, TimeoutError))
+
+
+def when_reachable(action: Callable[[], T], what: str, cfg: TrackingConfig) -> T | None:
+    """``action()``, retried every ``cfg.retry_s`` while the tracking server is unreachable, for up to
+    ``cfg.reconnect_timeout_s``; one warning when it first fails, None (and a warning) when it never got through."""
+    deadline = time.monotonic() + cfg.reconnect_timeout_s
+    warned = False
+    while True:
+        try:
+            return action()
+        except Exception as err:
+            if not unreachable(err):
+                raise
+            if time.monotonic() >= deadline:
+                log.warning("tracking server still unreachable: %s was not recorded in MLflow", what)
+                return None
+            if not warned:
+                log.warning("tracking server unreachable (%s); retrying %s until it is back", type(err).__name__, what)
+                warned = True
+            time.sleep(cfg.retry_s)
+
+
+class RunLogger:
+    """Sends one MLflow run's metrics from a background thread, so that a tracking server that goes away never
+    stops or slows training: metrics wait in memory and are retried every ``retry_s``, with one warning when the
+    server becomes unreachable and one when it is back. ``close`` waits for the backlog.
+
+    MLflow's own HTTP retries (minutes of back-off per call) are set low for the calling process: this class
+    does the retrying, and keeps the order of the metrics while it does.
+    """
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+    def __init__(self, uri: str, run_id: str, cfg: TrackingConfig) -> None:
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self._client, self._run_id, self._cfg = mlflow.MlflowClient(uri), run_id, cfg
+        self._pending: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.dropped = 0  # metrics refused because the backlog was full
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-run-logger", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._cond:
+            room = self._cfg.max_pending - len(self._pending)
+            if room < len(metrics) and not self.dropped:
+                log.warning("tracking backlog full (%d metrics): newer metrics are dropped", self._cfg.max_pending)
+            self.dropped += max(0, len(metrics) - room)
+            self._pending.extend(Metric(k, float(v), now, step) for k, v in itertools.islice(metrics.items(), room))
+            self._cond.notify()
+
+    def _send_loop(self) -> None:
+        down_since = None
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                chunk = list(itertools.islice(self._pending, self.BATCH))
+            try:
+                self._client.log_batch(self._run_id, metrics=chunk)
+            except Exception as err:  # noqa: BLE001 - nothing may end this thread but close()
+                if not unreachable(err):
+                    log.warning("MLflow refused %d metrics (%s); they are dropped", len(chunk), err)
+                else:
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        log.warning(
+                            "tracking server unreachable (%s); metrics are kept and sent when it is back",
+                            type(err).__name__,
+                        )
+                    time.sleep(self._cfg.retry_s)
+                    continue
+            with self._cond:
+                for _ in chunk:
+                    self._pending.popleft()
+                backlog = len(self._pending)
+            if down_since is not None:
+                log.warning(
+                    "tracking server back after %.0f s; sending the metrics kept meanwhile (%d left)",
+                    time.monotonic() - down_since,
+                    backlog,
+                )
+                down_since = None
+
+    def close(self) -> int:
+        """Send what is pending (for up to ``reconnect_timeout_s`` while the server is away); the number of
+        metrics that could not be sent, warned about when not zero."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(self._cfg.reconnect_timeout_s)
+        with self._cond:
+            unsent = len(self._pending) + self.dropped
+        if unsent:
+            log.warning("%d metrics could not be sent to the tracking server and are lost", unsent)
+        return unsent

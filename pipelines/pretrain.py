@@ -40,7 +40,6 @@ from mermed.probe.config import ProbeTasksFile
 from mermed.train import TrainState, build_train_state, save_checkpoint
 
 if TYPE_CHECKING:
-    import mlflow
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -60,13 +59,6 @@ class PretrainResult:
 
 def _dataset_name(modality: str) -> str:
     return f"modality_{modality}"
-
-
-def _log_metrics(client: mlflow.MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    import mlflow
-
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
 def _knn_monitor(
@@ -90,7 +82,6 @@ def _knn_monitor(
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: build the state, restore, then balanced batches -> crops -> ``train_step``."""
-    import mlflow
     import ray.train
     import ray.train.torch
 
@@ -138,13 +129,13 @@ def train_loop_per_worker(config: dict) -> None:
         seed=cfg.run.seed,
     )
     crops = MultiCrop.from_config(cfg.crops)
-    client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
-    run_id = config["mlflow_run_id"]
+    # Rank 0 logs through a background sender: a tracking server that goes away does not stop training.
+    tracker = tracking.RunLogger(config["tracking_uri"], config["mlflow_run_id"], cfg.tracking) if rank == 0 else None
     if restored:
         # Same rows as an uninterrupted run would draw next (the same rows exactly under run.deterministic_data).
         batches.fast_forward(state.step, config["pass_rows"])
-        if client is not None:  # a restart (worker failure or re-run) shows in MLflow
-            client.log_metric(run_id, "resumed_at_step", state.step, step=state.step)
+        if tracker is not None:  # a restart (worker failure or re-run) shows in MLflow
+            tracker.log({"resumed_at_step": state.step}, state.step)
 
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -165,9 +156,9 @@ def train_loop_per_worker(config: dict) -> None:
     monitor = None
     if rank == 0 and config["monitor"]["tasks"]:
         monitor = _knn_monitor(config["monitor"], cfg, state, bool(restored), config["normalization"])
-        _log_metrics(client, run_id, {"monitor_setup_s": monitor.setup_s}, state.step)
+        tracker.log({"monitor_setup_s": monitor.setup_s}, state.step)
         if not restored:  # every curve starts at the initial weights (a resumed run has logged them)
-            _log_metrics(client, run_id, monitor(state.teacher.backbone), 0)
+            tracker.log(monitor(state.teacher.backbone), 0)
 
     while state.step < cfg.run.steps:
         started = time.perf_counter()
@@ -193,8 +184,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["data_wait_s"] = data_wait  # how long the step waited for its batch
         metrics.update({f"count_{m}": float(n) for m, n in counts.items()})
         metrics.update({f"epoch_{m}": float(e) for m, e in epochs.items()})
-        if client is not None and logged:
-            _log_metrics(client, run_id, metrics, step)
+        if tracker is not None and logged:
+            tracker.log(metrics, step)
         if checkpointed:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
@@ -203,9 +194,11 @@ def train_loop_per_worker(config: dict) -> None:
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
             if monitor is not None:  # after the checkpoint is safe; the other ranks wait in their next step
-                _log_metrics(client, run_id, monitor(state.teacher.backbone), step)
+                tracker.log(monitor(state.teacher.backbone), step)
         elif step % cfg.run.log_every == 0:
             ray.train.report({"step": step, **metrics})
+    if tracker is not None:
+        tracker.close()
 
 
 # ----------------------------------------------------------------------------------------------- the driver
@@ -234,6 +227,18 @@ def _fit(trainer: TorchTrainer) -> ray.train.Result:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous)
+
+
+def _record_encoder(uri: str, run_id: str, encoder_uri: str) -> None:
+    """The run's encoder (as artifacts when local), its location as a tag, and the run marked finished."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if not storage.is_remote(encoder_uri):
+        for artifact in (encoder_uri, os.path.join(os.path.dirname(encoder_uri), "encoder.json")):
+            client.log_artifact(run_id, artifact, artifact_path="encoder")
+    client.set_tag(run_id, "mermed.encoder", encoder_uri)
+    client.set_terminated(run_id)
 
 
 def run_pretrain(
@@ -356,10 +361,5 @@ def run_pretrain(
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         encoder_uri = export_teacher(Path(directory) / CHECKPOINT_DIR, cfg, run_uri, normalization, run_id)
-    client = mlflow.MlflowClient(uri)
-    if not storage.is_remote(encoder_uri):
-        for artifact in (encoder_uri, os.path.join(os.path.dirname(encoder_uri), "encoder.json")):
-            client.log_artifact(run_id, artifact, artifact_path="encoder")
-    client.set_tag(run_id, "mermed.encoder", encoder_uri)
-    client.set_terminated(run_id)
+    tracking.when_reachable(lambda: _record_encoder(uri, run_id, encoder_uri), "the encoder and status", cfg.tracking)
     return PretrainResult(run_uri, encoder_uri, int(result.metrics.get("step", cfg.run.steps)), run_id, uri)

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -364,6 +365,96 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path):
             continue  # never seeded, never drawn from in a step: each process starts them at random
         # bit-identical on CPU; without the exact resume the memory and centre differ by >1e-3, weights by ~1e-5
         assert torch.allclose(value.double(), resumed[key].double(), rtol=0, atol=1e-6), key
+
+
+class _TrackingServer:
+    """A real ``mlflow server`` on 127.0.0.1 over a sqlite store, which the test can stop and start again."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._args = [
+            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)),
+            *("--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"),
+            *("--artifacts-destination", str(root / "artifacts")),
+        ]
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import requests
+
+        self._proc = subprocess.Popen(
+            self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{self.uri}/health", timeout=2).ok:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError("mlflow server did not start")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+            _end_session(self._proc.pid, grace_s=10)
+            self._proc = None
+
+
+def _worker_log_lines(text: str) -> int:
+    """Lines of this session's Ray worker logs that contain ``text``."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return sum(p.read_text(errors="replace").count(text) for p in logs.glob("worker-*"))
+
+
+def test_tracking_server_that_goes_away_mid_run_loses_no_metric(shards, tmp_path):
+    """A real tracking server is SIGKILLed once the run's first metrics are in and started again 10 s later:
+    training goes on meanwhile, the metrics of those steps arrive once it is back (each step once), the worker
+    warns once that it is away and once that it is back, and the run's encoder and status are recorded."""
+    server = _TrackingServer(tmp_path)
+    server.start()
+    cfg = pipeline_config(
+        **{"run.steps": 40, "run.checkpoint_every": 20, "tracking.mlflow_uri": server.uri, "tracking.retry_s": 0.5}
+    )
+    storage = tmp_path / "runs"
+    outage: list[float] = []
+
+    def logged() -> int:
+        with contextlib.suppress(Exception):  # the run has not started logging yet
+            return max(_logged_steps(storage / "outage", "loss"), default=0)
+        return 0
+
+    def interrupt() -> None:
+        while logged() < 2:
+            time.sleep(0.2)
+        server.stop()
+        outage.append(time.time())
+        time.sleep(10)
+        server.start()
+        outage.append(time.time())
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    warned_before = _worker_log_lines("tracking server unreachable")
+    try:
+        thread.start()
+        result = run_pretrain(cfg, [shards], str(storage), "outage", workers=1, max_failures=0)
+        thread.join()
+        client = mlflow.MlflowClient(server.uri)
+        run = client.get_run(result.mlflow_run_id)
+        history = client.get_metric_history(result.mlflow_run_id, "loss")
+    finally:
+        server.stop()
+    assert len(outage) == 2, "the run ended before the server could be stopped"
+    assert run.info.status == "FINISHED" and run.data.tags["mermed.encoder"] == result.encoder_uri
+    assert sorted(m.step for m in history) == list(range(1, cfg.run.steps + 1))
+    during = [m.step for m in history if outage[0] * 1000 < m.timestamp < outage[1] * 1000]
+    assert len(during) >= 3, "no step was taken while the server was away"
+    assert _worker_log_lines("tracking server unreachable") - warned_before == 1
+    assert _worker_log_lines("tracking server back after") >= 1
 
 
 # ----------------------------------------------------------------------------------------------- security
