@@ -11,6 +11,11 @@ and the cores that other processes kept busy meanwhile (from /proc/stat), so tha
 pipeline from a busy machine.
 
     python bench/ingest.py [--quick] [--cpus N] [--keep DIR]
+    python bench/ingest.py --files 2000,20000 [--cpus N]
+
+``--files``: archives of that many small distinct photos (three modality folders) instead: the listing time,
+the time to the first shard rows, the throughput and the driver's peak memory above its start, per archive
+size, so that a reader sees how the driver's memory grows with the number of files.
 
 Files: drawn by ``ingest.samples`` (all seven modalities), pydicom's real test DICOMs, and the real SVS slides
 and HAM10000 photos of ../shared/data when present. Ray is started and warmed on a tiny corpus before timing.
@@ -45,11 +50,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ingest import storage
+from ingest.config import IngestConfig
 from ingest.deid import Pseudonymizer
 from ingest.pipeline import READ_SCHEMA, ReadContext, ShardWriter, discover, read_unit, run_ingest
 from ingest.samples import copy_pydicom_testdata, make_sample_corpus
 from ingest.schema import ROW_SCHEMA
-from mermed.config import IngestConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 KEY = b"bench-key-0123456789abcdef0123456789"
@@ -243,12 +248,111 @@ def table(results: dict[str, tuple[int, int, Timing, Timing]], cpus: int) -> str
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ big archives
+
+
+def build_archive(root: Path, n: int) -> None:
+    """``n`` distinct 32 x 32 noise PNGs spread over three modality folders, a hundred per sub-folder."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        folder = root / ("derm", "cfp", "oct")[i % 3] / f"batch{i // 300:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        PILImage.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:06d}.png")
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def archive_run(src: Path, out: Path) -> dict[str, float]:
+    """One ingest of a big archive: listing seconds, seconds to the first shard rows, total seconds, files, and
+    the driver's peak RSS above its level before the run (sampled every 50 ms)."""
+    import threading
+
+    cfg = IngestConfig(dataset="bench")
+    start = time.perf_counter()
+    files, _, _ = discover([str(src)], cfg, {}, set())
+    listing = time.perf_counter() - start
+    del files
+    base, peak, first = _rss_mb(), [0.0], [float("nan")]
+    done = threading.Event()
+
+    def sample() -> None:
+        began = time.perf_counter()
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb() - base)
+            if first[0] != first[0] and any(out.glob("_staging-*/modality=*/part-*.parquet")):
+                first[0] = time.perf_counter() - began
+            done.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    began = time.perf_counter()
+    manifest = run_ingest([str(src)], str(out), cfg, key=KEY, force=True).manifest
+    total = time.perf_counter() - began
+    done.set()
+    thread.join()
+    if manifest["quarantined"]:
+        print(f"note: {manifest['quarantined']} files quarantined", file=sys.stderr)
+    return {
+        "files": manifest["discovered"],
+        "rows": manifest["rows"],
+        "listing": listing,
+        "first": first[0],
+        "total": total,
+        "peak_mb": peak[0],
+    }
+
+
+def archive_bench(sizes: list[int], cpus: int) -> None:
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="mermed-bench-archive-"))
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        build_archive(work / "warm", 30)
+        archive_run(work / "warm", work / "out-warm")
+        lines = [
+            "| files | listing s | first shard rows s | total s | files/s | driver peak MB | MB per 1,000 files |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for n in sizes:
+            started = time.perf_counter()
+            build_archive(work / f"archive-{n}", n)
+            print(f"{n} files written in {time.perf_counter() - started:.0f} s", flush=True)
+            r = archive_run(work / f"archive-{n}", work / f"out-{n}")
+            lines.append(
+                f"| {r['files']} | {r['listing']:.1f} | {r['first']:.1f} | {r['total']:.1f} "
+                f"| {r['files'] / r['total']:.0f} | {r['peak_mb']:.0f} | {1000 * r['peak_mb'] / r['files']:.2f} |"
+            )
+            print(lines[-1], flush=True)
+            shutil.rmtree(work / f"archive-{n}")
+            shutil.rmtree(work / f"out-{n}")
+        ray.shutdown()
+        print(f"\nBig archives, Ray pipeline ({cpus} CPUs); {machine()}")
+        print("\n".join(lines))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller corpus")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray (N)")
     parser.add_argument("--keep", type=Path, help="build the corpus here and keep it; reused when present")
+    parser.add_argument("--files", help="comma-separated archive sizes: the big-archive bench instead")
     args = parser.parse_args()
+    if args.files:
+        archive_bench([int(n) for n in args.files.split(",")], args.cpus)
+        return
 
     import ray
 

@@ -1,9 +1,10 @@
 """The layout's import rules, checked on the source (ast, nothing is executed).
 
 pipelines -> mermed -> ingest's contract (schema, storage, config); pipelines -> ingest; ingest imports neither
-mermed nor pipelines; mermed never imports pipelines; bench/ and tests/ import public names only; and no import
-cycle between the project's modules. Imports under ``if __name__ == "__main__":`` are what a script does when run
-by path, not a dependency of the module, and are left out.
+mermed nor pipelines; mermed never imports pipelines; bench/ and tests/ import public names only; every name
+imported from a project module is defined there; and no import cycle between the project's modules. Imports
+under ``if __name__ == "__main__":`` are what a script does when run by path, not a dependency of the module, and
+are left out.
 """
 
 from __future__ import annotations
@@ -58,6 +59,37 @@ def _ours(name: str) -> bool:
     return name.split(".")[0] in PACKAGES
 
 
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module defines at its top level (also inside top-level ``if`` and ``try`` blocks)."""
+    names: set[str] = set()
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.If, ast.Try)):
+            stack += [*node.body, *node.orelse, *getattr(node, "finalbody", []), *getattr(node, "handlers", [])]
+        elif isinstance(node, ast.ExceptHandler):
+            stack += node.body
+    return names
+
+
+def _missing_names(root: Path, target: str, names: tuple[str, ...]) -> list[str] | None:
+    """The ``names`` module ``target`` of the tree at ``root`` neither defines nor has as submodules; None when
+    there is no such module."""
+    base = root.joinpath(*target.split("."))
+    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    if not path.is_file():
+        return None
+    defined = _top_level_names(ast.parse(path.read_text(), str(path)))
+    return [n for n in names if n not in defined and not (base / f"{n}.py").is_file() and not (base / n).is_dir()]
+
+
 def layout_violations(root: Path) -> list[str]:
     """Every broken rule in the tree at ``root``, as 'file:line: what'."""
     problems = []
@@ -73,6 +105,11 @@ def layout_violations(root: Path) -> list[str]:
                 continue
             where = f"{rel}:{line}: imports {target}"
             head = target.split(".")[0]
+            missing = _missing_names(root, target, names)
+            if missing is None:
+                problems.append(f"{where} (no such module)")
+            elif missing:
+                problems.append(f"{where} (not defined there: {', '.join(missing)})")
             if top == "ingest" and head in ("mermed", "pipelines"):
                 problems.append(f"{where} (ingest imports neither mermed nor pipelines)")
             if top == "mermed" and head == "pipelines":
@@ -161,6 +198,15 @@ def _write(root: Path, files: dict[str, str]) -> Path:
             {"bench/probe.py": "from pipelines.probe import _actor_pool\n"},
             ["bench/probe.py:1: imports pipelines.probe (private name _actor_pool"],
         ),
+        # a benchmark importing a name from where it used to live (bench/ingest.py after the layout change)
+        (
+            {
+                "mermed/__init__.py": "",
+                "mermed/config.py": "class PretrainConfig: ...\n",
+                "bench/ingest.py": "from mermed.config import IngestConfig, PretrainConfig\n",
+            },
+            ["bench/ingest.py:1: imports mermed.config (not defined there: IngestConfig)"],
+        ),
     ],
 )
 def test_each_old_violation_is_caught(tmp_path, files, expected):
@@ -173,6 +219,8 @@ def test_a_script_guard_is_not_a_dependency(tmp_path):
     files = {
         "pipelines/__init__.py": "",
         "pipelines/cli.py": "def run():\n    from pipelines.pretrain import run_pretrain\n",
-        "pipelines/pretrain.py": 'if __name__ == "__main__":\n    from pipelines.cli import run\n',
+        "pipelines/pretrain.py": (
+            'def run_pretrain(): ...\nif __name__ == "__main__":\n    from pipelines.cli import run\n'
+        ),
     }
     assert layout_violations(_write(tmp_path, files)) == []
