@@ -75,6 +75,15 @@ def flatten_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def log_params(client, run_id: str, params: Mapping[str, str]) -> None:
+    """``params`` on run ``run_id`` in batches of MLflow's limit (100 per call)."""
+    from mlflow.entities import Param
+
+    items = list(params.items())
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[start : start + 100]])
+
+
 def resumable_run(
     run_uri: str, cfg: TrackingConfig, name: str, workdir: str | Path, params: Mapping[str, str], stage: str
 ) -> tuple[str, str]:
@@ -93,8 +102,7 @@ def resumable_run(
             return saved["run_id"], uri
     client = mlflow.MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=name, tags={"mermed.stage": stage})
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, value)
+    log_params(client, run.info.run_id, params)
     fs.makedirs(root, exist_ok=True)
     with fs.open(marker, "wb") as fh:
         fh.write(json.dumps({"run_id": run.info.run_id, "tracking_uri": uri}).encode())
@@ -115,11 +123,11 @@ def unreachable(err: BaseException) -> bool:
     return isinstance(err, (requests.RequestException, ConnectionError, TimeoutError))
 
 
-def when_reachable(action: Callable[[], T], what: str, cfg: TrackingConfig) -> T | None:
+def when_reachable(action: Callable[[], T], what: str, cfg: TrackingConfig, *, warned: bool = False) -> T | None:
     """``action()``, retried every ``cfg.retry_s`` while the tracking server is unreachable, for up to
-    ``cfg.reconnect_timeout_s``; one warning when it first fails, None (and a warning) when it never got through."""
+    ``cfg.reconnect_timeout_s``; one warning when it first fails (unless the caller has ``warned`` of this
+    outage), None (and a warning) when it never got through."""
     deadline = time.monotonic() + cfg.reconnect_timeout_s
-    warned = False
     while True:
         try:
             return action()

@@ -1,8 +1,10 @@
-"""What several test modules share: the tiny pretraining config and a CPU process group."""
+"""What several test modules share: the tiny pretraining config, a CPU process group, process killers, and a
+tiny labelled ingest output (bright vs dark images) for probe jobs."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import tempfile
@@ -11,10 +13,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ingest.config import parse_config
+from ingest.schema import ROW_SCHEMA, encode_image
 from mermed.config import PretrainConfig
 
 # ViT-Tiny at 32/16 px with a small head and a 32-row memory: a CPU step takes ~0.1 s.
@@ -141,3 +147,68 @@ def killing_readers_of(path: str | Path) -> Iterator[list[int]]:
     finally:
         done.set()
         thread.join()
+
+
+# ----------------------------------------------------------------------------------------------- probe data
+
+BRIGHT_DARK_SIZE = 32
+
+
+def _bright_or_dark(rng: np.random.Generator, bright: bool) -> bytes:
+    base = 170 if bright else 80
+    noise = rng.normal(0, 25, (BRIGHT_DARK_SIZE, BRIGHT_DARK_SIZE))
+    return encode_image(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def write_ingest_output(root: Path, patients: dict[str, tuple[str, list[str | None]]], seed: int = 0) -> Path:
+    """An ingest output as the ingest stage commits it: one CXR shard and ``_manifest.json``.
+
+    ``patients`` maps a patient pseudonym to (split, labels of its rows); label "1" is a bright image, "0" and
+    None (unlabelled) dark ones. A patient named ``anon-*`` has no patient_id (grouped by its source).
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for patient, (split, labels) in patients.items():
+        for i, label in enumerate(labels):
+            rows.append(
+                {
+                    "image": _bright_or_dark(rng, label == "1"),
+                    "height": BRIGHT_DARK_SIZE,
+                    "width": BRIGHT_DARK_SIZE,
+                    "channels": 1,
+                    "modality": "CXR",
+                    "dataset": "synthetic",
+                    "source": f"src-{patient}-{i}",
+                    "patient_id": None if patient.startswith("anon") else patient,
+                    "label": label,
+                    "split": split,
+                }
+            )
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    shard = "modality=CXR/part-00000.parquet"
+    (root / "modality=CXR").mkdir(parents=True)
+    pq.write_table(table, root / shard)
+    splits: dict[str, int] = {}
+    for r in rows:
+        splits[r["split"]] = splits.get(r["split"], 0) + 1
+    manifest = {
+        "rows": len(rows),
+        "modalities": {"CXR": len(rows)},
+        "splits": {"CXR": splits},
+        "shards": [shard],
+        "config_hash": "c" * 64,
+        "inputs_hash": f"{seed:064d}",
+    }
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def bright_dark_patients(n_train: int = 16, n_val: int = 6, n_test: int = 8) -> dict[str, tuple[str, list[str | None]]]:
+    """Patients with two bright and two dark images each, plus unlabelled rows of other patients."""
+    cohort: dict[str, tuple[str, list[str | None]]] = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for i in range(n):
+            cohort[f"{split}-p{i}"] = (split, ["0", "1", "0", "1"])
+    cohort["anon-test"] = ("test", ["1", "0"])  # no patient id: grouped by source
+    cohort["pretrain-only"] = ("train", [None] * 6)
+    return cohort

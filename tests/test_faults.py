@@ -32,7 +32,15 @@ import pytest
 import tifffile
 import torch
 import yaml
-from helpers import killing, killing_readers_of, proc_stat, tiny_config
+from helpers import (
+    BRIGHT_DARK_SIZE,
+    bright_dark_patients,
+    killing,
+    killing_readers_of,
+    proc_stat,
+    tiny_config,
+    write_ingest_output,
+)
 from safetensors.torch import load_file
 
 from ingest.config import IngestConfig
@@ -455,6 +463,77 @@ def test_tracking_server_that_goes_away_mid_run_loses_no_metric(shards, tmp_path
     assert len(during) >= 3, "no step was taken while the server was away"
     assert _worker_log_lines("tracking server unreachable") - warned_before == 1
     assert _worker_log_lines("tracking server back after") >= 1
+
+
+def test_tracking_server_that_goes_away_mid_sweep_loses_no_trial(fresh_ray, tmp_path, caplog):
+    """The same outage during a probe job's Tune sweep: once the first trial's run is in, the server is killed
+    for 10 s. The sweep goes on, the trials' runs and metrics arrive once it is back, and the job's results and
+    status are recorded."""
+    from ingest.config import parse_config
+    from mermed.models import build_backbone, export_encoder
+    from mermed.probe.config import ProbeConfig
+    from pipelines.probe import run_probe
+
+    server = _TrackingServer(tmp_path)
+    server.start()
+    data = write_ingest_output(tmp_path / "data", bright_dark_patients())
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump({"tasks": [{"name": "bright", "data": str(data), "type": "binary"}]}))
+    encoder = tmp_path / "run" / "encoder.safetensors"
+    encoder.parent.mkdir()
+    export_encoder(
+        build_backbone("vit_tiny_patch16_224", BRIGHT_DARK_SIZE),
+        encoder,
+        model_name="vit_tiny_patch16_224",
+        img_size=BRIGHT_DARK_SIZE,
+    )
+    cfg = parse_config(
+        ProbeConfig,
+        {
+            "trials": 4,
+            "fractions": [1.0],
+            "heads_per_trial": 1,
+            "search": {"epochs": [30], "grace_period": 30, "hidden": [32], "batch_size": 64},
+            "tracking": {"mlflow_uri": server.uri, "retry_s": 0.5},
+        },
+    )
+    outage: list[float] = []
+
+    def trial_runs() -> list:
+        with contextlib.suppress(Exception):  # the experiment does not exist yet
+            client = mlflow.MlflowClient(server.uri)
+            experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+            return client.search_runs([experiment.experiment_id], "tags.trial_name != ''")
+        return []
+
+    def interrupt() -> None:
+        while not trial_runs():
+            time.sleep(0.1)
+        server.stop()
+        outage.append(time.time())
+        time.sleep(10)
+        server.start()
+        outage.append(time.time())
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    try:
+        thread.start()
+        with caplog.at_level("WARNING", logger="mermed"):
+            result = run_probe(encoder, tasks, tmp_path / "out", cfg, baselines=[])
+        thread.join()
+        client = mlflow.MlflowClient(server.uri)
+        parent = client.get_run(result.parent_run_id)
+        trials = trial_runs()
+    finally:
+        server.stop()
+    assert len(outage) == 2, "the job ended before the server could be stopped"
+    assert parent.info.status == "FINISHED"
+    assert any(k.endswith(".test_auroc") for k in parent.data.metrics)
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" and "val_auroc" in t.data.metrics for t in trials)
+    assert all(t.data.tags["mlflow.parentRunId"] == result.parent_run_id for t in trials)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("tracking server unreachable" in w for w in warnings) == 1, warnings
+    assert sum("tracking server back" in w for w in warnings) == 1, warnings
 
 
 # ----------------------------------------------------------------------------------------------- security

@@ -16,12 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
+from helpers import BRIGHT_DARK_SIZE, bright_dark_patients, write_ingest_output
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from ingest.config import parse_config
-from ingest.schema import ROW_SCHEMA, encode_image
 from mermed.metrics import bootstrap_ci, mean_bootstrap_ci
 from mermed.models import build_backbone, export_encoder
 from mermed.probe import Fit, ProbeError, extract_features, inspect_task, load_encoders, summarize
@@ -30,7 +31,7 @@ from mermed.probe.features import FEATURES_FILE, FEATURES_JSON, actor_pool
 from mermed.probe.report import SUMMARY_COLUMNS
 from pipelines.probe import run_probe
 
-MODEL, SIZE = "vit_tiny_patch16_224", 32
+MODEL, SIZE = "vit_tiny_patch16_224", BRIGHT_DARK_SIZE
 CFG = parse_config(
     ProbeConfig,
     {
@@ -44,65 +45,6 @@ CFG = parse_config(
 )
 
 
-def _image(rng: np.random.Generator, bright: bool) -> bytes:
-    base = 170 if bright else 80
-    return encode_image(np.clip(base + rng.normal(0, 25, (SIZE, SIZE)), 0, 255).astype(np.uint8))
-
-
-def write_ingest_output(root: Path, patients: dict[str, tuple[str, list[str | None]]], seed: int = 0) -> Path:
-    """An ingest output as the ingest stage commits it: one CXR shard and ``_manifest.json``.
-
-    ``patients`` maps a patient pseudonym to (split, labels of its rows); label "1" is a bright image, "0" and
-    None (unlabelled) dark ones. A patient named ``anon-*`` has no patient_id (grouped by its source).
-    """
-    rng = np.random.default_rng(seed)
-    rows = []
-    for patient, (split, labels) in patients.items():
-        for i, label in enumerate(labels):
-            rows.append(
-                {
-                    "image": _image(rng, label == "1"),
-                    "height": SIZE,
-                    "width": SIZE,
-                    "channels": 1,
-                    "modality": "CXR",
-                    "dataset": "synthetic",
-                    "source": f"src-{patient}-{i}",
-                    "patient_id": None if patient.startswith("anon") else patient,
-                    "label": label,
-                    "split": split,
-                }
-            )
-    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-    shard = "modality=CXR/part-00000.parquet"
-    (root / "modality=CXR").mkdir(parents=True)
-    pq.write_table(table, root / shard)
-    splits: dict[str, int] = {}
-    for r in rows:
-        splits[r["split"]] = splits.get(r["split"], 0) + 1
-    manifest = {
-        "rows": len(rows),
-        "modalities": {"CXR": len(rows)},
-        "splits": {"CXR": splits},
-        "shards": [shard],
-        "config_hash": "c" * 64,
-        "inputs_hash": f"{seed:064d}",
-    }
-    (root / "_manifest.json").write_text(json.dumps(manifest))
-    return root
-
-
-def _cohort(n_train: int = 16, n_val: int = 6, n_test: int = 8) -> dict[str, tuple[str, list[str | None]]]:
-    """Patients with two bright and two dark images each, plus unlabelled rows of other patients."""
-    cohort: dict[str, tuple[str, list[str | None]]] = {}
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for i in range(n):
-            cohort[f"{split}-p{i}"] = (split, ["0", "1", "0", "1"])
-    cohort["anon-test"] = ("test", ["1", "0"])  # no patient id: grouped by source
-    cohort["pretrain-only"] = ("train", [None] * 6)
-    return cohort
-
-
 def _tasks(path: Path, tasks: list[dict]) -> Path:
     path.write_text(yaml.safe_dump({"tasks": tasks}))
     return path
@@ -111,6 +53,8 @@ def _tasks(path: Path, tasks: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("run") / "encoder.safetensors"
+    torch.manual_seed(7)  # timm draws from the global generator: the same "pretrained" weights every run (not the
+    # random baseline's seed)
     export_encoder(build_backbone(MODEL, SIZE), path, model_name=MODEL, img_size=SIZE)
     return path
 
@@ -119,7 +63,7 @@ def encoder_file(tmp_path_factory) -> Path:
 def job(fresh_ray, tmp_path_factory, encoder_file):
     """One probe job: pretrained encoder + random baseline, fractions 0.5 and 1.0, two label subsets."""
     root = tmp_path_factory.mktemp("probe")
-    data = write_ingest_output(root / "data", _cohort())
+    data = write_ingest_output(root / "data", bright_dark_patients())
     tasks = _tasks(root / "tasks.yaml", [{"name": "bright", "data": str(data), "type": "binary"}])
     result = run_probe(encoder_file, tasks, root / "out", CFG, baselines=["random"])
     return result, data
@@ -213,11 +157,15 @@ def _task(data: Path, **kw):
 @pytest.mark.parametrize(
     ("cohort", "task", "message"),
     [
-        ({k: (s, ["1"] * len(v)) for k, (s, v) in _cohort().items()}, "binary", "single-class"),
-        ({k: (s, ["1"] * len(v)) for k, (s, v) in _cohort().items()}, "multiclass", "single-class"),
-        ({k: v for k, v in _cohort().items() if v[0] != "test"}, "binary", "the test split has no labelled rows"),
-        ({**_cohort(), "anon-test": ("test", ["1", "2"])}, "multiclass", "no training row has class 2"),
-        ({**_cohort(), "train-p0": ("train", ["0", "1"]), "x": ("val", ["0", "1"])}, "binary", None),
+        ({k: (s, ["1"] * len(v)) for k, (s, v) in bright_dark_patients().items()}, "binary", "single-class"),
+        ({k: (s, ["1"] * len(v)) for k, (s, v) in bright_dark_patients().items()}, "multiclass", "single-class"),
+        (
+            {k: v for k, v in bright_dark_patients().items() if v[0] != "test"},
+            "binary",
+            "the test split has no labelled rows",
+        ),
+        ({**bright_dark_patients(), "anon-test": ("test", ["1", "2"])}, "multiclass", "no training row has class 2"),
+        ({**bright_dark_patients(), "train-p0": ("train", ["0", "1"]), "x": ("val", ["0", "1"])}, "binary", None),
     ],
     ids=["single-class", "single-class-multiclass", "empty-test-split", "class-not-in-train", "fine"],
 )
@@ -231,7 +179,7 @@ def test_bad_tasks_fail_before_compute(tmp_path: Path, cohort, task: str, messag
 
 
 def test_leaking_patients_and_missing_labels_are_rejected(tmp_path: Path) -> None:
-    cohort = _cohort()
+    cohort = bright_dark_patients()
     data = write_ingest_output(tmp_path / "leak", cohort)
     table = pq.read_table(data / "modality=CXR/part-00000.parquet")
     patient = np.asarray(table["patient_id"].to_pylist(), dtype=object)
@@ -271,7 +219,9 @@ def test_encoder_of_another_architecture_fails_before_compute(tmp_path: Path, en
 def test_cli_reports_bad_input_without_running(tmp_path: Path, encoder_file: Path) -> None:
     from pipelines.cli import app
 
-    data = write_ingest_output(tmp_path / "data", {k: (s, ["0"] * len(v)) for k, (s, v) in _cohort().items()})
+    data = write_ingest_output(
+        tmp_path / "data", {k: (s, ["0"] * len(v)) for k, (s, v) in bright_dark_patients().items()}
+    )
     tasks = _tasks(tmp_path / "tasks.yaml", [{"name": "flat", "data": str(data), "type": "binary"}])
     out = tmp_path / "out"
     args = ["probe", "--encoder", str(encoder_file), "--tasks", str(tasks), "--output", str(out)]
@@ -336,7 +286,7 @@ def test_encoder_and_data_on_s3(s3_bucket: str, tmp_path: Path, encoder_file: Pa
 
     fs, _ = storage.filesystem(f"s3://{s3_bucket}")
     fs.put(str(encoder_file.parent) + "/", f"{s3_bucket}/run/", recursive=True)
-    data = write_ingest_output(tmp_path / "data", _cohort())
+    data = write_ingest_output(tmp_path / "data", bright_dark_patients())
     fs.put(str(data) + "/", f"{s3_bucket}/data/", recursive=True)
     remote = load_encoders(f"s3://{s3_bucket}/run/{encoder_file.name}", [])[0]
     assert remote.fingerprint == load_encoders(encoder_file, [])[0].fingerprint

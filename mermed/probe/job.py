@@ -121,6 +121,7 @@ def _sweep_and_test(cells: list[Cell], cfg: ProbeConfig, out: Path, tracking_uri
     sweep_data = {cell.name: cell.sweep_data(cfg.search.batch_size) for cell in cells}
     logger = mlflow_logger(
         {cell.name: cell.tags for cell in cells},
+        cfg.tracking,
         tracking_uri=tracking_uri,
         experiment_name=cfg.tracking.experiment,
         tags={"mlflow.parentRunId": run_id},
@@ -169,27 +170,23 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
     """The whole probe job (see the module docstring) on the Ray cluster this process has joined."""
     import mlflow
 
-    from mermed.tracking import flatten_params, tracking_uri, ui_command, use_experiment
+    from mermed.tracking import flatten_params, log_params, tracking_uri, ui_command, use_experiment, when_reachable
 
     encoders, datas = inputs.encoders, inputs.tasks
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking.mlflow_uri, out)
     experiment_id = use_experiment(cfg.tracking.experiment, uri, out)
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(experiment_id, run_name=f"probe-{time.strftime('%Y%m%d-%H%M%S')}").info.run_id
+    params = {
+        "probe": cfg.model_dump(),
+        "encoders": {e.tag: {"model": e.model_name, "img_size": e.img_size, "sha256": e.fingerprint} for e in encoders},
+        "tasks": {d.task.name: {**d.task.model_dump(), "classes": d.classes} for d in datas},
+    }
+    log_params(client, run_id, flatten_params(params))
     reused: dict[str, bool] = {}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"probe-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        mlflow.log_params(
-            flatten_params(
-                {
-                    "probe": cfg.model_dump(),
-                    "encoders": {
-                        e.tag: {"model": e.model_name, "img_size": e.img_size, "sha256": e.fingerprint}
-                        for e in encoders
-                    },
-                    "tasks": {d.task.name: {**d.task.model_dump(), "classes": d.classes} for d in datas},
-                }
-            )
-        )
+    try:
         cells = []
         for data in datas:
             for enc in encoders:
@@ -200,25 +197,41 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
                     for fraction in sorted(cfg.fractions)
                     for seed in range(cfg.seeds if fraction < 1 else 1)
                 ]
-        fits = _sweep_and_test(cells, cfg, out, uri, run.info.run_id)
+        fits = _sweep_and_test(cells, cfg, out, uri, run_id)
+        artifacts = []
         for data in datas:
             task = data.task
-            roc = out / f"roc_{task.name}.png"
-            plot_roc(roc, task.name, task.type, [f for f in fits if f.task == task.name and f.seed == 0])
-            mlflow.log_artifact(str(roc))
-
+            artifacts.append(out / f"roc_{task.name}.png")
+            plot_roc(artifacts[-1], task.name, task.type, [f for f in fits if f.task == task.name and f.seed == 0])
         summary = summarize(fits, {d.task.name: d.task.type for d in datas}, cfg.bootstrap)
         results = [f.row() for f in fits]
         write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
         write_csv(out / "results.csv", results, RESULT_COLUMNS)
         (out / "summary.md").write_text(markdown(summary, cfg.seeds))
-        for r in summary:
-            prefix = f"{r['task']}.{r['encoder']}.f{r['fraction']:g}"
-            mlflow.log_metrics({f"{prefix}.test_{m}": r[m] for m in METRICS if not math.isnan(r[m])})
-        for name in ("summary.csv", "summary.md", "results.csv"):
-            mlflow.log_artifact(str(out / name))
+        artifacts += [out / name for name in ("summary.csv", "summary.md", "results.csv")]
+    except BaseException:
+        when_reachable(lambda: client.set_terminated(run_id, "FAILED"), "the probe run's failure", cfg.tracking)
+        raise
+    metrics = {
+        f"{r['task']}.{r['encoder']}.f{r['fraction']:g}.test_{m}": r[m]
+        for r in summary
+        for m in METRICS
+        if not math.isnan(r[m])
+    }
+
+    def record() -> None:
+        client.log_batch(
+            run_id,
+            metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()],
+        )
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id)
+
+    # the results are on disk whatever happens; MLflow gets them once it is reachable
+    when_reachable(record, "the probe results", cfg.tracking)
     log.info("probe: %s; browse with: %s", out / "summary.md", ui_command(uri))
-    return ProbeResult(out, summary, results, run.info.run_id, uri, reused)
+    return ProbeResult(out, summary, results, run_id, uri, reused)
 
 
 __all__ = ["Cell", "ProbeInputs", "ProbeResult", "check_inputs", "run_probe_job"]

@@ -9,21 +9,25 @@ different tasks, so there every trial runs its epochs (each head still keeps its
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mermed.config import TrackingConfig
 from mermed.probe.config import (
     ProbeConfig,
     ProbeSearchConfig,
     ProbeTrainConfig,
 )
 from mermed.probe.heads import fit_probes, rung_epochs
+from mermed.tracking import unreachable, when_reachable
 
 log = logging.getLogger("mermed.probe")
 
@@ -115,13 +119,24 @@ def heads_per_trial(cfg: ProbeConfig, n_cells: int, cpus: float) -> int:
     return min(cfg.trials, math.ceil(cfg.trials * n_cells / max(1, int(cpus))))
 
 
-def mlflow_logger(cell_tags: dict[str, dict[str, str]], **kwargs: Any):
+def mlflow_logger(cell_tags: dict[str, dict[str, str]], tracking: TrackingConfig, **kwargs: Any):
     """Ray's ``MLflowLoggerCallback(**kwargs)``, with each trial's nested run also tagged with its cell's tags
-    (task, encoder, fraction, label subset): one Tune experiment holds every cell of the job."""
+    (task, encoder, fraction, label subset): one Tune experiment holds every cell of the job.
+
+    A tracking server that goes away does not stop the sweep: the calls it cannot take are kept, in order, and
+    sent again (every ``tracking.retry_s``, at the next Tune event) once it is back, with one warning each way;
+    the experiment's end waits for them up to ``tracking.reconnect_timeout_s``.
+    """
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class CellTaggedLogger(MLflowLoggerCallback):
-        def log_trial_start(self, trial) -> None:
+        def setup(self, *args, **kw) -> None:
+            super().setup(*args, **kw)
+            self._deferred: collections.deque = collections.deque()
+            self._down_since: float | None = None
+            self._next_try = 0.0
+
+        def _tagged_start(self, trial) -> None:
             common = dict(self.tags)
             self.tags = {**common, **cell_tags[trial.config["cell"]]}
             try:
@@ -129,6 +144,60 @@ def mlflow_logger(cell_tags: dict[str, dict[str, str]], **kwargs: Any):
             finally:
                 self.tags = common
 
+        def _send(self) -> None:
+            """Send the kept calls in order; raises what stopped them (the server being away)."""
+            while self._deferred:
+                call, args = self._deferred[0]
+                call(*args)
+                self._deferred.popleft()
+            if self._down_since is not None:
+                log.warning("tracking server back after %.0f s", time.monotonic() - self._down_since)
+                self._down_since = None
+
+        def _call(self, call, *args) -> None:
+            self._deferred.append((call, args))
+            if time.monotonic() < self._next_try:
+                return
+            try:
+                self._send()
+            except Exception as err:
+                if not unreachable(err):
+                    raise
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning(
+                        "tracking server unreachable (%s); the sweep goes on, its logs wait", type(err).__name__
+                    )
+                self._next_try = time.monotonic() + tracking.retry_s
+
+        def log_trial_start(self, trial) -> None:
+            self._call(self._tagged_start, trial)
+
+        def _log_result(self, trial, result: dict) -> None:
+            """A result's numbers in one ``log_batch``: all or nothing, so that a retry logs no metric twice."""
+            import mlflow
+            from ray.tune.utils import flatten_dict
+
+            step = int(result["training_iteration"])
+            now = int(time.time() * 1000)
+            metrics = [
+                mlflow.entities.Metric(k, float(v), now, step)
+                for k, v in flatten_dict(result, delimiter="/").items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
+            mlflow.MlflowClient(self.tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            self._call(self._log_result, trial, dict(result))
+
+        def log_trial_end(self, trial, failed: bool = False) -> None:
+            self._call(super().log_trial_end, trial, failed)
+
+        def on_experiment_end(self, trials, **info) -> None:
+            when_reachable(self._send, "the sweep's trial runs", tracking, warned=self._down_since is not None)
+            super().on_experiment_end(trials, **info)
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the callback retries; MLflow's would stall Tune
     return CellTaggedLogger(**kwargs)
 
 
