@@ -173,6 +173,36 @@ def probe(
     typer.echo(f"MLflow run {result.parent_run_id}: {ui_command(result.tracking_uri)}")
 
 
+@app.command()
+def embed(
+    encoder: Annotated[str, typer.Option(help="exported encoder: STORAGE/RUN/encoder.safetensors")],
+    data: Annotated[str, typer.Option(help="an ingest output (folder or s3:// prefix)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for features.parquet and features.json")],
+    modality: Annotated[str | None, typer.Option(help="only the rows of this modality (default: all)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="rows per forward pass")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Features for your own code: every row's embedding with its ids and split, as Parquet (reused when the
+    encoder and the data are unchanged)."""
+    from mermed.probe import embed_shards, load_encoders
+    from mermed.probe.config import ExtractConfig
+    from pipelines.common import init_ray, setup_logging
+
+    setup_logging(verbose)
+    try:
+        cfg = parse_config(ExtractConfig, {"batch_size": batch_size} if batch_size else {})
+        (enc,) = load_encoders(encoder, [])
+        init_ray()
+        out, reused = embed_shards(enc, data, output, cfg, modality.upper() if modality else None)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    meta = json.loads((out / "features.json").read_text())
+    typer.echo(
+        f"{meta['rows']} embeddings of dimension {meta['embed_dim']} in {out / 'features.parquet'}"
+        f"{' (reused)' if reused else ''}"
+    )
+
+
 def _numbers(option: str, text: str | None, kind: type) -> list | None:
     """A comma-separated option as a list of numbers, or a clear exit."""
     if not text:

@@ -304,3 +304,29 @@ def test_encoder_actors_leave_a_cpu_for_reading(fresh_ray) -> None:
     assert actor_pool(ExtractConfig(actors=2)) == (1, 0.0, 2)
     assert actor_pool(ExtractConfig(actors=4, cpus_per_actor=0.5)) == (2, 0.0, 1)
     assert actor_pool(ExtractConfig(threads_per_actor=1)) == (1, 0.0, 1)
+
+
+def test_embed_writes_every_row_with_its_ids_and_reuses_the_cache(job, tmp_path: Path, encoder_file: Path) -> None:
+    """`mermed embed`: every row of the ingest output (labelled or not) with its ids and split, the same
+    embeddings the probe's cache holds for the labelled ones, and a second run that reuses the file."""
+    from pipelines.cli import app
+
+    result, data = job
+    out = tmp_path / "embeddings"
+    args = ["embed", "--encoder", str(encoder_file), "--data", str(data), "--output", str(out)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    table = pq.read_table(out / FEATURES_FILE)
+    shard = pq.read_table(data / "modality=CXR/part-00000.parquet")
+    assert table.num_rows == shard.num_rows  # the unlabelled rows too
+    assert sorted(table["source"].to_pylist()) == sorted(shard["source"].to_pylist())
+    assert {"split", "patient_id", "study_id", "tile_x", "dataset", "label"} <= set(table.column_names)
+    probe_cache = next((result.output / "features" / "pretrained").iterdir()) / FEATURES_FILE
+    cached = {r["source"]: r["embedding"] for r in pq.read_table(probe_cache).to_pylist()}
+    mine = {r["source"]: r["embedding"] for r in table.to_pylist() if r["source"] in cached}
+    assert mine.keys() == cached.keys()
+    assert all(np.allclose(mine[k], cached[k], atol=1e-5) for k in cached)
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and "(reused)" in second.output, second.output
+    wrong = CliRunner().invoke(app, [*args, "--modality", "ct"])
+    assert wrong.exit_code == 2 and "no rows of modality CT" in wrong.output

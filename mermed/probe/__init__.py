@@ -27,7 +27,7 @@ The launcher is ``pipelines/probe.py`` (``mermed probe``).
 
 from mermed.probe.config import ProbeConfig, ProbeTask, ProbeTasksFile
 from mermed.probe.encoders import Encoder, load_encoders, random_encoder, timm_encoder
-from mermed.probe.features import EncoderActor, Features, extract_features, load_features
+from mermed.probe.features import EncoderActor, Features, embed_shards, extract_features, load_features
 from mermed.probe.job import ProbeInputs, ProbeResult, check_inputs, run_probe_job
 from mermed.probe.report import Fit, summarize
 from mermed.probe.tasks import ProbeError, TaskData, inspect_task
@@ -45,6 +45,7 @@ __all__ = [
     "ProbeTasksFile",
     "TaskData",
     "check_inputs",
+    "embed_shards",
     "extract_features",
     "inspect_task",
     "load_encoders",

@@ -1,5 +1,6 @@
-"""Features, computed once per (encoder, dataset): a Ray Data actor pool embeds the labelled rows and caches them
-as Parquet beside a JSON naming the weights' and the shards' hashes."""
+"""Features, computed once per (encoder, dataset): a Ray Data actor pool embeds the rows and caches them as Parquet
+beside a JSON naming the weights' and the shards' hashes. Probes embed a task's labelled rows; ``embed_shards``
+(``mermed embed``) every row of an ingest output, with the ids users join on, for their own downstream code."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ingest.schema import SPLITS
+from ingest import storage
+from ingest.schema import SPLITS, read_manifest
 from mermed.data import decode_square
 from mermed.models import build_backbone, embed_dim_of
 from mermed.normalize import modality_mean_std
@@ -25,7 +27,14 @@ from mermed.probe.config import (
 )
 from mermed.probe.encoders import Encoder
 from mermed.probe.heads import encode_labels
-from mermed.probe.tasks import META_COLUMNS, ProbeError, TaskData, labelled_mask, patient_groups
+from mermed.probe.tasks import (
+    FEATURES_VERSION,
+    META_COLUMNS,
+    ProbeError,
+    TaskData,
+    labelled_mask,
+    patient_groups,
+)
 
 log = logging.getLogger("mermed.probe")
 
@@ -33,18 +42,24 @@ FEATURES_FILE = "features.parquet"
 FEATURES_JSON = "features.json"
 
 
+# What ``embed_shards`` keeps of each row besides its embedding: enough to join it back to the shards.
+EMBED_COLUMNS = (*META_COLUMNS, "study_id", "tile_x", "tile_y", "tile_level", "dataset")
+
+
 class EncoderActor:
-    """Ray Data actor: holds the frozen encoder; labelled shard rows in, embeddings plus metadata out."""
+    """Ray Data actor: holds the frozen encoder; shard rows in (those with a ``label`` when one is named),
+    embeddings plus the label and ``columns`` (as strings) out."""
 
     def __init__(
         self,
         model_name: str,
         img_size: int,
         weights: list,
-        label: str,
+        label: str | None,
         precision: str,
         normalization: dict,
         threads: int | None = None,
+        columns: tuple[str, ...] = META_COLUMNS,
     ) -> None:
         import ray
 
@@ -60,9 +75,11 @@ class EncoderActor:
         self.embed_dim = embed_dim_of(model)
         self.amp = autocast_dtype(precision, self.device)
         self.normalization = normalization
+        self.columns = columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = batch.filter(labelled_mask(batch[self.label]))
+        if self.label is not None:
+            batch = batch.filter(labelled_mask(batch[self.label]))
         images = batch["image"].to_pylist()
         if images:
             pixels = torch.from_numpy(np.stack([decode_square(b, self.img_size) for b in images]))
@@ -77,19 +94,19 @@ class EncoderActor:
                 emb = self.model(x).float().cpu().numpy()
         else:
             emb = np.zeros((0, self.embed_dim), np.float32)
+        label = batch[self.label] if self.label is not None else pa.nulls(batch.num_rows, pa.string())
         columns = [
             pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.embed_dim),
-            pc.cast(batch[self.label], pa.string()),
-            *(pc.cast(batch[c], pa.string()) for c in META_COLUMNS),  # frame (int32) too
+            pc.cast(label, pa.string()),
+            *(pc.cast(batch[c], pa.string()) for c in self.columns),  # frame (int32) too
         ]
-        return pa.Table.from_arrays(columns, schema=features_schema(self.embed_dim))
+        return pa.Table.from_arrays(columns, schema=features_schema(self.embed_dim, self.columns))
 
 
-def features_schema(embed_dim: int) -> pa.Schema:
-    """The cached features: one fixed-size float32 embedding per labelled row, with what the probes need."""
+def features_schema(embed_dim: int, columns: tuple[str, ...] = META_COLUMNS) -> pa.Schema:
+    """The cached features: one fixed-size float32 embedding per row, its label and ``columns`` as strings."""
     return pa.schema(
-        [("embedding", pa.list_(pa.float32(), embed_dim)), ("label", pa.string())]
-        + [(c, pa.string()) for c in META_COLUMNS]
+        [("embedding", pa.list_(pa.float32(), embed_dim)), ("label", pa.string())] + [(c, pa.string()) for c in columns]
     )
 
 
@@ -118,33 +135,85 @@ def features_dir(output: str | Path, encoder: Encoder, data: TaskData) -> Path:
 
 
 def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: ExtractConfig) -> tuple[Path, bool]:
-    """Embeddings of a task's labelled rows under ``encoder``; returns (cache dir, True when it was reused).
+    """Embeddings of a task's labelled rows under ``encoder``; returns (cache dir, True when it was reused)."""
+    task = data.task
+    return _cached_embeddings(
+        encoder,
+        task.data,
+        features_dir(output, encoder, data),
+        data.identity,
+        cfg,
+        modality=task.modality,
+        label=task.label,
+        columns=META_COLUMNS,
+        expected_rows=sum(data.counts.values()),
+        name=f"task {task.name}",
+    )
 
-    The parquet is written beside the cache and moved into place, and the JSON goes last: a cache without
-    its JSON, or with a JSON naming other weights or another ingest, is extracted again.
-    """
+
+def embed_shards(
+    encoder: Encoder, data: str, output: str | Path, cfg: ExtractConfig, modality: str | None = None
+) -> tuple[Path, bool]:
+    """Embeddings of every row of the ingest output ``data`` (of ``modality``, all by default) in
+    ``OUTPUT/features.parquet``, with ``EMBED_COLUMNS``; reused while the encoder and the shards are the same."""
+    manifest = read_manifest(data)
+    identity = {
+        "version": FEATURES_VERSION,
+        "data": data if storage.is_remote(data) else str(Path(data).resolve()),
+        "modality": modality,
+        **{k: manifest.get(k) for k in ("shards", "rows", "config_hash", "inputs_hash", "finished")},
+    }
+    modalities = manifest.get("modalities", {})
+    if modality is not None and modality not in modalities:
+        raise ProbeError(f"{data} has no rows of modality {modality} (it has {', '.join(sorted(modalities))})")
+    return _cached_embeddings(
+        encoder,
+        data,
+        Path(output),
+        identity,
+        cfg,
+        modality=modality,
+        label=None,
+        columns=EMBED_COLUMNS,
+        expected_rows=modalities[modality] if modality else manifest.get("rows"),
+        name=str(data),
+    )
+
+
+def _cached_embeddings(
+    encoder: Encoder,
+    data: str,
+    out: Path,
+    identity: dict,
+    cfg: ExtractConfig,
+    *,
+    modality: str | None,
+    label: str | None,
+    columns: tuple[str, ...],
+    expected_rows: int | None,
+    name: str,
+) -> tuple[Path, bool]:
+    """The cache ``out`` of ``data``'s rows embedded by ``encoder``: reused when its JSON names the same weights and
+    ``identity``, else extracted again. The parquet is written beside the cache and moved into place, and the
+    JSON goes last: a cache without its JSON, or with a JSON naming other weights or data, is extracted again."""
     import pyarrow.parquet as pq
     import ray
 
     from mermed.data import open_shards
 
-    out = features_dir(output, encoder, data)
-    expected = {"encoder": encoder.fingerprint, "data": data.identity}
+    expected = {"encoder": encoder.fingerprint, "data": identity}
     meta_path = out / FEATURES_JSON
     if meta_path.is_file() and (out / FEATURES_FILE).is_file():
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in expected} == expected:
-            log.info("features: reusing %s/%s for task %s", encoder.tag, data.key, data.task.name)
+            log.info("features: reusing %s for %s", out, name)
             return out, True
-    task = data.task
     actors, gpus, threads = actor_pool(cfg)
-    log.info("features: extracting task %s with encoder %s on %d actor(s)", task.name, encoder.tag, actors)
+    log.info("features: embedding %s with encoder %s on %d actor(s)", name, encoder.tag, actors)
     started = time.perf_counter()
+    read = ["image", *([label] if label else []), *columns]
     ds = open_shards(
-        [task.data],
-        splits=SPLITS,
-        modality=task.modality,
-        columns=list(dict.fromkeys(["image", task.label, *META_COLUMNS])),
+        [data], splits=None if label is None else SPLITS, modality=modality, columns=list(dict.fromkeys(read))
     )
     ds = ds.map_batches(
         EncoderActor,
@@ -152,10 +221,11 @@ def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: 
             "model_name": encoder.model_name,
             "img_size": encoder.img_size,
             "weights": [ray.put(encoder.weights)],
-            "label": task.label,
+            "label": label,
             "precision": cfg.precision,
             "normalization": encoder.normalization,
             "threads": threads,
+            "columns": columns,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -167,14 +237,13 @@ def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: 
     staging.mkdir(parents=True)
     rows = 0
     try:
-        schema = features_schema(encoder.embed_dim)
+        schema = features_schema(encoder.embed_dim, columns)
         with pq.ParquetWriter(staging / FEATURES_FILE, schema, compression="zstd") as writer:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 writer.write_table(batch.cast(schema))
                 rows += batch.num_rows
-        expected_rows = sum(data.counts.values())
-        if rows != expected_rows:
-            raise ProbeError(f"task {task.name}: extracted {rows} rows but found {expected_rows}; did the data change?")
+        if expected_rows is not None and rows != expected_rows:
+            raise ProbeError(f"{name}: extracted {rows} rows but found {expected_rows}; did the data change?")
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
     finally:
@@ -190,7 +259,7 @@ def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: 
         "seconds": round(seconds, 3),
     }
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("features: %d rows of task %s in %.1f s", rows, task.name, seconds)
+    log.info("features: %d rows of %s in %.1f s", rows, name, seconds)
     return out, False
 
 
