@@ -122,8 +122,9 @@ def test_mlflow_parent_with_nested_trials(job) -> None:
     assert children["metrics.val_auroc"].notna().all()
     assert (children["status"] == "FINISHED").all()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.parent_run_id)}
-    assert {"roc_bright.png", "summary.csv", "summary.md", "results.csv"} <= artifacts
-    assert (result.output / "roc_bright.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"roc_bright.png", "label_efficiency_bright.png", "summary.csv", "summary.md", "results.csv"} <= artifacts
+    for picture in ("roc_bright.png", "label_efficiency_bright.png"):
+        assert (result.output / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_features_are_cached_and_split_by_patient(job, encoder_file) -> None:

@@ -12,13 +12,15 @@
    dropout and epochs; the features reach the trials once through the object store. The best
    configuration is refit on the driver and scored once on the test split: AUROC, accuracy, and a 95% CI
    by bootstrap over patients.
-4. One MLflow parent run per job holds the params, the test metrics, ``roc_<task>.png`` and the tables;
-   every Tune trial is a nested run (Ray Tune's MLflow callback with the ``mlflow.parentRunId`` tag).
+4. One MLflow parent run per job holds the params, the test metrics, ``roc_<task>.png``,
+   ``label_efficiency_<task>.png`` and the tables; every Tune trial is a nested run (Ray Tune's MLflow callback
+   with the ``mlflow.parentRunId`` tag).
 
 Outputs in DIR: ``summary.csv`` / ``summary.md`` (one row per task, encoder and fraction; below 100% of
 the labels, AUROC and accuracy are means over the label subsets and the CI is that of the mean),
 ``results.csv`` (one row per sweep: subset seed, best configuration, validation and test scores),
-``roc_<task>.png``, ``mlflow.db`` (unless tracking points elsewhere), ``tune/`` and ``features/``.
+``roc_<task>.png``, ``label_efficiency_<task>.png``, ``mlflow.db`` (unless tracking points elsewhere), ``tune/``
+and ``features/``.
 
 Modules: ``config`` (job and task files), ``tasks`` (input checks), ``encoders``, ``features`` (Ray Data),
 ``heads`` (probe heads and their training, no Ray), ``sweep`` (Ray Tune), ``report`` (tables, plots), ``job``.

@@ -26,6 +26,7 @@ from mermed.probe.report import (
     Fit,
     bootstrap_ci_or_nan,
     markdown,
+    plot_label_efficiency,
     plot_roc,
     summarize,
     write_csv,
@@ -204,6 +205,9 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
             artifacts.append(out / f"roc_{task.name}.png")
             plot_roc(artifacts[-1], task.name, task.type, [f for f in fits if f.task == task.name and f.seed == 0])
         summary = summarize(fits, {d.task.name: d.task.type for d in datas}, cfg.bootstrap)
+        for data in datas:
+            artifacts.append(out / f"label_efficiency_{data.task.name}.png")
+            plot_label_efficiency(artifacts[-1], data.task.name, summary)
         results = [f.row() for f in fits]
         write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
         write_csv(out / "results.csv", results, RESULT_COLUMNS)

@@ -191,3 +191,26 @@ def plot_roc(path: Path, task: str, task_type: str, fits: Sequence[Fit]) -> None
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def plot_label_efficiency(path: Path, task: str, summary: Sequence[dict[str, Any]]) -> None:
+    """The paper's label-efficiency figure for one task: test AUROC against the fraction of training labels, a
+    line per encoder with its patient-bootstrap CI as a band (where the test set gives one)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4), dpi=110)
+    ax = fig.subplots()
+    for encoder in sorted({r["encoder"] for r in summary if r["task"] == task}):
+        rows = sorted(
+            (r for r in summary if r["task"] == task and r["encoder"] == encoder), key=lambda r: r["fraction"]
+        )
+        x = [r["fraction"] for r in rows]
+        (line,) = ax.plot(x, [r["auroc"] for r in rows], marker="o", label=encoder)
+        ax.fill_between(
+            x, [r["auroc_lo"] for r in rows], [r["auroc_hi"] for r in rows], color=line.get_color(), alpha=0.2
+        )
+    ax.set_xscale("log")
+    ax.set(xlabel="fraction of training labels", ylabel="test AUROC", title=f"{task}: label efficiency")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
