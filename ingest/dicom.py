@@ -1,4 +1,4 @@
-"""DICOM files (CT, CR/DX, US, MR, ...) to uint8 2D images.
+"""DICOM files (CT, CR/DX, US, ophthalmic photography and tomography, skin photographs, MR, ...) to uint8 2D images.
 
 A group of files from one directory is read together so that a CT series can be put in slice order: a slice's
 ``frame`` is its index along the slice normal. Multi-frame objects give one image per kept frame, ``frame`` being
@@ -20,17 +20,37 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, iter_pixels
 from pydicom.pixels.utils import get_nr_frames
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DermoscopicPhotographyImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    OphthalmicPhotography8BitImageStorage,
+    OphthalmicPhotography16BitImageStorage,
+    OphthalmicTomographyImageStorage,
+    VLPhotographicImageStorage,
+)
 
 from ingest.config import IngestConfig
-from ingest.image import require_finite, scale_to_uint8
+from ingest.image import crop_fundus, require_finite, scale_to_uint8
 from ingest.schema import DecodeError, Image, InputError, ReadResult
 
 # Value validation warnings quote the offending header value (a date, a name) into the logs: off in this process.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
-# DICOM modality code -> the project's modality; other codes (MR, MG, NM, ...) are kept as they are.
-MODALITIES = {"CT": "CT", "CR": "CXR", "DX": "CXR", "DR": "CXR", "US": "US"}
+# DICOM modality code -> the project's modality; other codes (MR, MG, NM, SM, ...) are kept as they are. OP is
+# ophthalmic photography (fundus), OPT ophthalmic tomography (OCT), XC external-camera photography (skin).
+MODALITIES = {"CT": "CT", "CR": "CXR", "DX": "CXR", "DR": "CXR", "US": "US", "OP": "CFP", "OPT": "OCT", "XC": "DERM"}
+# SOP classes that say what an image is better than its Modality code does (a dermoscope's XC, a fundus camera
+# that writes OT): they win over the code.
+SOP_CLASS_MODALITIES = {
+    OphthalmicPhotography8BitImageStorage: "CFP",
+    OphthalmicPhotography16BitImageStorage: "CFP",
+    OphthalmicTomographyImageStorage: "OCT",  # a multi-frame volume: one row per B-scan
+    DermoscopicPhotographyImageStorage: "DERM",
+    VLPhotographicImageStorage: "DERM",
+}
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Enhanced multi-frame objects put rescale and window per frame in these functional groups.
 FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
@@ -83,8 +103,12 @@ def _transfer_syntax(ds: Dataset) -> UID | None:
 
 
 def dicom_modality(ds: Dataset) -> str:
-    """The project's modality for a header's Modality code; ``OT`` (DICOM's "other") when absent or not a code
-    (a CS value: up to 16 capitals, digits, spaces, underscores), so that a corrupt header names no modality."""
+    """The project's modality for a header's SOP class, else its Modality code; ``OT`` (DICOM's "other") when
+    absent or not a code (a CS value: up to 16 capitals, digits, spaces, underscores), so that a corrupt header
+    names no modality."""
+    by_class = SOP_CLASS_MODALITIES.get(str(ds.get("SOPClassUID") or ""))
+    if by_class:
+        return by_class
     code = str(ds.get("Modality") or "OT").strip().upper()
     return MODALITIES.get(code, code) if re.fullmatch(r"[A-Z0-9_ ]{1,16}", code) else "OT"
 
@@ -258,6 +282,8 @@ def _images(path: str, header: Dataset, frame: int | None, modality: str | None,
     try:
         for index, arr in zip(indices, iter_pixels(ds, indices=indices), strict=True):
             pixels = _to_uint8(arr, _frame_view(ds, index), modality, cfg)
+            if modality == "CFP" and cfg.image.fundus_crop:  # as for fundus photos stored as image files
+                pixels = crop_fundus(pixels)
             yield Image(pixels=pixels, modality=modality, frame=index if n_frames > 1 else frame, **keys)
     except InputError:
         raise

@@ -80,8 +80,17 @@ def pydicom_corpus() -> list[str]:
 
 
 def expected_modality(ds: Dataset) -> str:
+    by_class = {
+        "1.2.840.10008.5.1.4.1.1.77.1.5.1": "CFP",
+        "1.2.840.10008.5.1.4.1.1.77.1.5.2": "CFP",
+        "1.2.840.10008.5.1.4.1.1.77.1.5.4": "OCT",
+        "1.2.840.10008.5.1.4.1.1.77.1.7": "DERM",
+        "1.2.840.10008.5.1.4.1.1.77.1.4": "DERM",
+    }.get(str(ds.get("SOPClassUID") or ""))
     code = str(ds.get("Modality") or "OT")
-    return {"CT": "CT", "CR": "CXR", "DX": "CXR", "US": "US"}.get(code, code)
+    return by_class or {"CT": "CT", "CR": "CXR", "DX": "CXR", "US": "US", "OP": "CFP", "OPT": "OCT", "XC": "DERM"}.get(
+        code, code
+    )
 
 
 def test_dicom_reads_every_pydicom_test_file(pydicom_corpus):
@@ -196,6 +205,41 @@ def test_dicom_multiframe_stride_and_cap(tmp_path):
     assert all(img.modality == "MR" and img.pixels.shape == (4, 5) for img in images[0])
     images, _ = run(dicom.read, [str(path)], "CXR", IngestConfig())
     assert [img.frame for img in images[0]] == list(range(7)) and images[0][0].modality == "CXR"
+
+
+def test_dicom_ophthalmic_and_skin_objects_map_to_our_modalities(tmp_path):
+    """OP -> CFP (fundus-cropped like a photo file), OPT -> OCT (a row per B-scan, frame_stride honoured), XC and
+    the dermoscopic / VL photographic SOP classes -> DERM; a SOP class wins over a vaguer Modality code."""
+    rgb = np.zeros((24, 30, 3), dtype=np.uint8)
+    rgb[4:20, 6:24] = 180  # the camera's bright field of view inside a black surround
+    bscans = np.stack([np.full((16, 20), 20 * k, dtype=np.uint8) for k in range(5)])
+    cases = {
+        "op.dcm": (rgb, "OP", None, "CFP"),
+        "op_class.dcm": (rgb, "OT", "1.2.840.10008.5.1.4.1.1.77.1.5.1", "CFP"),
+        "opt.dcm": (bscans, "OPT", "1.2.840.10008.5.1.4.1.1.77.1.5.4", "OCT"),
+        "xc.dcm": (rgb, "XC", None, "DERM"),
+        "dermoscope.dcm": (rgb, "XC", "1.2.840.10008.5.1.4.1.1.77.1.7", "DERM"),
+        "photo.dcm": (rgb, "OT", "1.2.840.10008.5.1.4.1.1.77.1.4", "DERM"),
+    }
+    paths = []
+    for name, (pixels, code, sop_class, _) in cases.items():
+        attrs = {"SOPClassUID": sop_class} if sop_class else {}
+        photometric = "RGB" if pixels.ndim == 3 and pixels.shape[-1] == 3 else "MONOCHROME2"
+        paths.append(str(write_dicom(tmp_path / name, pixels, modality=code, photometric=photometric, **attrs)))
+    images, errors = run(dicom.read, paths, None, IngestConfig(dicom={"frame_stride": 2}))
+    assert not errors
+    for i, (name, (_, _, _, modality)) in enumerate(cases.items()):
+        assert {img.modality for img in images[i]} == {modality}, name
+        for img in images[i]:
+            assert not any(
+                p.split("^")[0] in str(getattr(img, f.name))
+                for p in PHI
+                for f in dataclasses.fields(img)
+                if f.name != "pixels"
+            )
+    assert images[0][0].pixels.shape == (16, 18, 3)  # cropped to the field of view, as fundus image files are
+    assert images[4][0].pixels.shape == (24, 30, 3)  # other photos whole
+    assert [img.frame for img in images[2]] == [0, 2, 4] and images[2][0].pixels.shape == (16, 20)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
