@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file
+from torch import nn
 
 from ingest import storage
 from mermed.config import PretrainConfig
@@ -63,19 +64,24 @@ def restore_newest(state: TrainState, run_uri: str, latest: str | None = None) -
     return None
 
 
+def teacher_backbone(state_dir: str | Path, cfg: PretrainConfig) -> nn.Module:
+    """The teacher backbone of a checkpoint's ``state/`` folder (what a run exports), in eval mode."""
+    tensors = load_file(str(Path(state_dir) / STATE_FILE))
+    prefix = "teacher/backbone."
+    backbone = build_backbone(cfg.model.name, cfg.crops.global_size)
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    return backbone.eval()
+
+
 def export_teacher(
-    state_dir: str | Path,
+    backbone: nn.Module,
     cfg: PretrainConfig,
     run_uri: str,
     normalization: dict[str, dict[str, list[float]]],
     mlflow_run_id: str | None = None,
 ) -> str:
-    """The teacher backbone of a checkpoint's ``state/`` folder as ``RUN/encoder.safetensors`` + ``encoder.json``
-    (which records the per-modality ``normalization`` the run trained with and its MLflow run)."""
-    tensors = load_file(str(Path(state_dir) / STATE_FILE))
-    prefix = "teacher/backbone."
-    backbone = build_backbone(cfg.model.name, cfg.crops.global_size)
-    backbone.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    """A teacher backbone as ``RUN/encoder.safetensors`` + ``encoder.json`` (which records the per-modality
+    ``normalization`` the run trained with and its MLflow run)."""
     fs, root = storage.filesystem(run_uri)
     with tempfile.TemporaryDirectory() as tmp:
         export_encoder(
@@ -91,4 +97,11 @@ def export_teacher(
     return storage.join(run_uri, ENCODER_FILE)
 
 
-__all__ = ["CHECKPOINT_DIR", "ENCODER_FILE", "checkpoint_candidates", "export_teacher", "restore_newest"]
+__all__ = [
+    "CHECKPOINT_DIR",
+    "ENCODER_FILE",
+    "checkpoint_candidates",
+    "export_teacher",
+    "restore_newest",
+    "teacher_backbone",
+]

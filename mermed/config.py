@@ -158,6 +158,9 @@ class RunConfig(StrictModel):
     # torch.compile the student's and the teacher's backbones, in place (checkpoint keys do not change), one static
     # graph per crop resolution; the first steps pay the compilation (bench/train.py reports it).
     compile: bool = False
+    # After the run: rows per modality whose teacher embeddings give the alignment/uniformity metrics and the
+    # embedding map (mermed.embedding_map); 0 = skip.
+    embedding_sample: int = Field(default=256, ge=0)
 
     @property
     def torch_threads(self) -> int:

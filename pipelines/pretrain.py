@@ -16,6 +16,7 @@ if __name__ == "__main__":
 
 import logging
 import os
+import posixpath
 import signal
 import tempfile
 import threading
@@ -32,9 +33,10 @@ from ingest import storage
 from ingest.schema import modality_normalization, read_manifest
 from mermed import tracking
 from mermed.augment import MultiCrop
-from mermed.checkpoints import CHECKPOINT_DIR, export_teacher, restore_newest
+from mermed.checkpoints import CHECKPOINT_DIR, export_teacher, restore_newest, teacher_backbone
 from mermed.config import PretrainConfig
 from mermed.data import BalancedBatches, Prefetcher, decoded_dataset, pass_seed, split_counts
+from mermed.embedding_map import embedding_report, sample_rows
 from mermed.monitor import KnnMonitor, KnnSettings, check_tasks, initial_backbone, load_tasks
 from mermed.probe.config import ProbeTasksFile
 from mermed.train import TrainState, build_train_state, save_checkpoint
@@ -229,14 +231,20 @@ def _fit(trainer: TorchTrainer) -> ray.train.Result:
             signal.signal(signal.SIGINT, previous)
 
 
-def _record_encoder(uri: str, run_id: str, encoder_uri: str) -> None:
-    """The run's encoder (as artifacts when local), its location as a tag, and the run marked finished."""
+def _record_encoder(uri: str, run_id: str, encoder_uri: str, embedding: dict[str, float], pictures: Path) -> None:
+    """The run's encoder (as artifacts when local), its location as a tag, the embedding metrics and pictures in
+    ``pictures``, and the run marked finished."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     if not storage.is_remote(encoder_uri):
         for artifact in (encoder_uri, os.path.join(os.path.dirname(encoder_uri), "encoder.json")):
             client.log_artifact(run_id, artifact, artifact_path="encoder")
+    if embedding:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now, 0) for k, v in embedding.items()])
+    for picture in sorted(pictures.glob("*.png")):
+        client.log_artifact(run_id, str(picture))
     client.set_tag(run_id, "mermed.encoder", encoder_uri)
     client.set_terminated(run_id)
 
@@ -360,6 +368,20 @@ def run_pretrain(
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        encoder_uri = export_teacher(Path(directory) / CHECKPOINT_DIR, cfg, run_uri, normalization, run_id)
-    tracking.when_reachable(lambda: _record_encoder(uri, run_id, encoder_uri), "the encoder and status", cfg.tracking)
+        teacher = teacher_backbone(Path(directory) / CHECKPOINT_DIR, cfg)
+    encoder_uri = export_teacher(teacher, cfg, run_uri, normalization, run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        pictures: dict[str, float] = {}
+        if cfg.run.embedding_sample:
+            picture = Path(tmp) / "embedding_map.png"
+            sample = sample_rows(
+                data, modalities, cfg.run.embedding_sample, splits, cfg.crops.decode_size, cfg.run.seed
+            )
+            pictures = embedding_report(teacher, sample, MultiCrop.from_config(cfg.crops), normalization, picture)
+            fs.put(str(picture), posixpath.join(storage.filesystem(run_uri)[1], picture.name))  # beside the encoder
+        tracking.when_reachable(
+            lambda: _record_encoder(uri, run_id, encoder_uri, pictures, Path(tmp)),
+            "the encoder and status",
+            cfg.tracking,
+        )
     return PretrainResult(run_uri, encoder_uri, int(result.metrics.get("step", cfg.run.steps)), run_id, uri)

@@ -17,6 +17,8 @@ from torch import nn
 
 from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
+from mermed.augment import MultiCrop
+from mermed.embedding_map import EmbeddingSample, embedding_report
 from mermed.metrics import accuracy, auroc
 from mermed.monitor import KnnMonitor, KnnSettings, MonitorError, check_tasks, initial_backbone, knn_scores
 from mermed.probe.config import ProbeTask
@@ -150,3 +152,42 @@ def test_pretrain_logs_the_monitor_at_step_zero_and_every_checkpoint(corpora, tm
     steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "knn_accuracy/oct")]
     assert sorted(steps) == [0, 2, 4, 6]
     assert history("teacher_drift")[6] > 0
+
+
+def test_embedding_report_matches_the_alignment_and_uniformity_formulas(tmp_path):
+    """Wang & Isola's alignment E||f(x) - f(x+)||^2 over the two global views, and uniformity
+    log E exp(-2 ||f(x) - f(y)||^2) over pairs of images, per modality and over all, recomputed here in numpy
+    from the same views; the map is written."""
+    rng = np.random.default_rng(0)
+    n = 12
+    sample = EmbeddingSample(
+        pixels=rng.integers(0, 256, (n, 40, 40, 3), dtype=np.uint8),
+        valid=np.tile(np.array([0, 0, 40, 40], np.int32), (n, 1)),
+        modality=np.array(["CT"] * 5 + ["DERM"] * 7),
+        label=np.array(["0", "1"] * 3 + [None] * 6, dtype=object),
+    )
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.Flatten(), nn.LazyLinear(16))
+    crops = MultiCrop.from_config(tiny_config().crops)
+    normalization = {m: {"mean": [0.5] * 3, "std": [0.25] * 3} for m in ("CT", "DERM")}
+    backbone(torch.zeros(1, 3, 32, 32))  # materialise the lazy layer
+    metrics = embedding_report(backbone, sample, crops, normalization, tmp_path / "map.png", seed=3)
+
+    images = torch.from_numpy(sample.pixels).permute(0, 3, 1, 2)
+    grayscale = torch.tensor([True] * 5 + [False] * 7)  # CT is a grayscale modality, DERM is not
+    mean, std = torch.full((n, 3), 0.5), torch.full((n, 3), 0.25)
+    views = crops(
+        images, grayscale, torch.Generator().manual_seed(3), valid=torch.from_numpy(sample.valid), mean=mean, std=std
+    )
+    with torch.no_grad():
+        a, b = (F.normalize(backbone(v), dim=1).double().numpy() for v in views[:2])
+
+    def uniformity(z):
+        d2 = ((z[:, None] - z[None]) ** 2).sum(-1)[np.triu_indices(len(z), 1)]
+        return math.log(np.exp(-2 * d2).mean())
+
+    for m, rows in (("CT", slice(0, 5)), ("DERM", slice(5, 12))):
+        assert metrics[f"alignment/{m}"] == pytest.approx(((a[rows] - b[rows]) ** 2).sum(1).mean(), rel=1e-5)
+        assert metrics[f"uniformity/{m}"] == pytest.approx(uniformity(a[rows]), rel=1e-5)
+    assert metrics["uniformity/all"] == pytest.approx(uniformity(a), rel=1e-5)
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

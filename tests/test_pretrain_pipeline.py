@@ -84,8 +84,16 @@ def test_two_workers_train_checkpoint_resume_and_fallback(shards, tmp_path):
         _history(first.tracking_uri, first.mlflow_run_id, f"count_{m}")[-1].value for m in ("DERM", "OCT", "PATH")
     ]
     assert sum(counts) == 6 and max(counts) - min(counts) <= 1
-    params = mlflow.MlflowClient(first.tracking_uri).get_run(first.mlflow_run_id).data.params
-    assert params["model.name"] == cfg.model.name and params["memory.size"] == "64"
+    run = mlflow.MlflowClient(first.tracking_uri).get_run(first.mlflow_run_id)
+    assert run.data.params["model.name"] == cfg.model.name and run.data.params["memory.size"] == "64"
+    # the embedding map and its numbers, beside the encoder and in MLflow
+    assert (run_dir / "embedding_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artifacts = {a.path for a in mlflow.MlflowClient(first.tracking_uri).list_artifacts(first.mlflow_run_id)}
+    assert "embedding_map.png" in artifacts
+    for m in ("DERM", "OCT", "PATH"):
+        assert 0 <= run.data.metrics[f"alignment/{m}"] <= 4  # squared distance of unit vectors
+        assert -4 <= run.data.metrics[f"uniformity/{m}"] <= 0
+    assert -4 <= run.data.metrics["uniformity/all"] <= 0
 
     # Same name, more steps: resumes at step 4 in the same MLflow run.
     resumed = run_pretrain(pipeline_config(**{"run.steps": 6}), [shards], storage, "tiny", workers=2, max_failures=0)
