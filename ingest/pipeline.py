@@ -38,6 +38,7 @@ from ingest import dicom, image, npz, storage, wsi
 from ingest.config import IngestConfig
 from ingest.deid import Pseudonymizer, load_key, scrub_message
 from ingest.labels import LabelRow, parse_labels, patient_split
+from ingest.progress import Progress
 from ingest.schema import (
     INGEST_VERSION,
     MANIFEST,
@@ -454,8 +455,11 @@ class _Tally:
     splits: Counter[tuple[str, str]] = field(default_factory=Counter)  # (modality, split) -> rows
     moments: dict[str, PixelMoments] = field(default_factory=dict)
 
-    def add(self, batch: pa.Table) -> None:
-        self.reported[np.asarray(batch.column("_input"))] = True
+    def add(self, batch: pa.Table) -> int:
+        """Account for a block; returns how many inputs reported for the first time."""
+        inputs = np.unique(np.asarray(batch.column("_input")))
+        new = int((~self.reported[inputs]).sum())
+        self.reported[inputs] = True
         failed = pa.compute.equal(batch.column("_status"), "failed")
         self.failed_rows.extend(batch.filter(failed).select(["source", *_ERROR_COLUMNS[1:]]).to_pylist())
         ok = batch.filter(pa.compute.invert(failed))
@@ -474,6 +478,7 @@ class _Tally:
             self.modalities.update(modality)
             self.splits.update(zip(modality, split, strict=True))
             self.writer.write(table)
+        return new
 
 
 def _read_isolated(lost: list[Unit], ctx: ReadContext, attempts: int) -> Iterator[pa.Table]:
@@ -607,15 +612,17 @@ def run_ingest(
 
     staging = posixpath.join(out, f"_staging-{uuid.uuid4().hex[:12]}")
     tally = _Tally(ShardWriter(out_fs, staging, cfg), cfg.deduplicate, np.zeros(len(files), dtype=bool))
+    progress = Progress(log, "ingest", len(files), "files")
     try:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=256):
-            tally.add(batch)
+            progress.update(tally.add(batch))
         lost = [u for u in units if not tally.reported[[f.index for f in u.files]].all()]
         if lost:
             log.warning("ingest: %d read units were lost with their dying tasks; reading them one per task", len(lost))
             for block in _read_isolated(lost, ctx, cfg.read_attempts):
-                tally.add(block)
+                progress.update(tally.add(block))
         tally.writer.close()
+        progress.close()
         quarantined = sorted({r["_input"] for r in tally.failed_rows})
         manifest = {
             "discovered": len(files),

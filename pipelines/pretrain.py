@@ -194,11 +194,10 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     save_checkpoint(state, Path(tmp) / CHECKPOINT_DIR)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
+                # Ray Train hears of checkpoints only (it prints every report); the metrics go to MLflow above.
+                ray.train.report({"step": step, "loss": metrics["loss"]}, checkpoint=checkpoint)
             if monitor is not None:  # after the checkpoint is safe; the other ranks wait in their next step
                 tracker.log(monitor(state.teacher.backbone), step)
-        elif step % cfg.run.log_every == 0:
-            ray.train.report({"step": step, **metrics})
     if tracker is not None:
         tracker.close()
 

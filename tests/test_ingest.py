@@ -4,6 +4,7 @@ de-identification, determinism, s3:// in and out."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import zlib
@@ -17,6 +18,7 @@ from ingest.config import IngestConfig
 from ingest.deid import MissingKeyError, Pseudonymizer, load_key
 from ingest.labels import LabelFileError
 from ingest.pipeline import MANIFEST, QUARANTINE, IngestError, ShardWriter, run_ingest
+from ingest.progress import Progress
 from ingest.samples import copy_pydicom_testdata, make_sample_corpus
 from ingest.schema import MODALITIES, ROW_SCHEMA, decode_image
 
@@ -339,3 +341,18 @@ def test_demographics_and_label_attributes_only_when_asked(ray_session, tmp_path
         blob = path.read_bytes()
         for planted in (b"047Y", b"063Y", b"Planted", b"19610200", b"PLANTED-0"):
             assert planted not in blob, f"{planted!r} in {path.name}"
+
+
+def test_progress_lines_say_done_of_total_and_what_is_left(caplog):
+    log = logging.getLogger("mermed.test-progress")
+    with caplog.at_level("INFO", logger=log.name):
+        progress = Progress(log, "ingest", 10, "files", every_s=0)
+        progress.update(3)
+        progress.update(7)
+        progress.close()
+        Progress(log, "sweep", None, "trials", every_s=0).update()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("ingest: 3/10 files (") and "left)" in lines[0]
+    assert lines[1].startswith("ingest: 10/10 files (") and "left" not in lines[1]
+    assert lines[2].startswith("ingest: 10/10 files (") and " in " in lines[2]
+    assert lines[3].startswith("sweep: 1 trials (")

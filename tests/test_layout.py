@@ -1,8 +1,8 @@
 """The layout's import rules, checked on the source (ast, nothing is executed).
 
-pipelines -> mermed -> ingest's contract (schema, storage, config); pipelines -> ingest; ingest imports neither
-mermed nor pipelines; mermed never imports pipelines; bench/ and tests/ import public names only; every name
-imported from a project module is defined there; and no import cycle between the project's modules. Imports
+pipelines -> mermed -> ingest's contract (schema, storage, config, progress); pipelines -> ingest; ingest imports
+neither mermed nor pipelines; mermed never imports pipelines; bench/ and tests/ import public names only; every
+name imported from a project module is defined there; and no import cycle between the project's modules. Imports
 under ``if __name__ == "__main__":`` are what a script does when run by path, not a dependency of the module, and
 are left out.
 """
@@ -16,7 +16,7 @@ import pytest
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 PACKAGES = ("ingest", "mermed", "pipelines")
-INGEST_CONTRACT = ("ingest.schema", "ingest.storage", "ingest.config")
+INGEST_CONTRACT = ("ingest.schema", "ingest.storage", "ingest.config", "ingest.progress")
 
 
 def _is_main_guard(node: ast.AST) -> bool:

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import torch
 
 from ingest import storage
+from ingest.progress import Progress
 from ingest.schema import SPLITS, read_manifest
 from mermed.data import decode_square
 from mermed.models import build_backbone, embed_dim_of
@@ -235,13 +236,14 @@ def _cached_embeddings(
     )
     staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.mkdir(parents=True)
-    rows = 0
+    progress = Progress(log, f"features of {name}", expected_rows, "rows")
     try:
         schema = features_schema(encoder.embed_dim, columns)
         with pq.ParquetWriter(staging / FEATURES_FILE, schema, compression="zstd") as writer:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 writer.write_table(batch.cast(schema))
-                rows += batch.num_rows
+                progress.update(batch.num_rows)
+        rows = progress.done
         if expected_rows is not None and rows != expected_rows:
             raise ProbeError(f"{name}: extracted {rows} rows but found {expected_rows}; did the data change?")
         shutil.rmtree(out, ignore_errors=True)
@@ -249,6 +251,7 @@ def _cached_embeddings(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - started
+    progress.close()
     meta = {
         **expected,
         "encoder_tag": encoder.tag,
@@ -259,7 +262,6 @@ def _cached_embeddings(
         "seconds": round(seconds, 3),
     }
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("features: %d rows of %s in %.1f s", rows, name, seconds)
     return out, False
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ingest.progress import Progress
 from mermed.config import TrackingConfig
 from mermed.probe.config import (
     ProbeConfig,
@@ -201,6 +202,26 @@ def mlflow_logger(cell_tags: dict[str, dict[str, str]], tracking: TrackingConfig
     return CellTaggedLogger(**kwargs)
 
 
+def _trial_progress(total: int):
+    """A Tune callback that logs the trials done of ``total`` every few seconds (Tune itself is silent here)."""
+    from ray.tune import Callback
+
+    class TrialProgress(Callback):
+        def __init__(self) -> None:
+            self.progress = Progress(log, "sweep", total, "trials")
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.progress.update()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.progress.update()
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self.progress.close()
+
+    return TrialProgress()
+
+
 def run_sweeps(
     cells: dict[str, SweepData],
     cfg: ProbeConfig,
@@ -250,7 +271,12 @@ def run_sweeps(
             trial_dirname_creator=lambda trial: trial.trial_id,
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage_path.resolve()), callbacks=callbacks, verbose=0),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage_path.resolve()),
+            callbacks=[*callbacks, _trial_progress(len(cells) * math.ceil(cfg.trials / per_trial))],
+            verbose=0,
+        ),
     )
     grid = tuner.fit()
     if grid.errors:
