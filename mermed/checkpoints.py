@@ -36,24 +36,41 @@ def checkpoint_candidates(run_uri: str, latest: str | None = None) -> list[str]:
     return ordered + [p for p in found if not latest or posixpath.normpath(p) != posixpath.normpath(latest)]
 
 
+class CheckpointStorageError(OSError):
+    """The checkpoint storage could not be read (not: a checkpoint is broken). A run stops on it rather than fall
+    back to older checkpoints or to step 0, which would redo or lose the work the unreachable ones hold."""
+
+
 def _load_from(state: TrainState, fs, path: str) -> None:
     state_dir = posixpath.join(path, CHECKPOINT_DIR)
     if not storage.is_remote(state_dir) and os.path.isdir(state_dir):
         load_checkpoint(state, state_dir)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        fs.get(state_dir + "/", tmp, recursive=True)
+        try:
+            fs.get(state_dir + "/", tmp, recursive=True)
+        except FileNotFoundError:
+            raise  # an incomplete checkpoint: the previous one serves
+        except Exception as err:
+            raise CheckpointStorageError(f"cannot read checkpoint {path} ({type(err).__name__}: {err})") from err
         load_checkpoint(state, tmp)
 
 
 def restore_newest(state: TrainState, run_uri: str, latest: str | None = None) -> str | None:
-    """Load the newest checkpoint that loads into ``state``; a corrupt or truncated one is skipped with a warning.
-    Returns the checkpoint's path, or None when the run has none (a fresh start)."""
+    """Load the newest checkpoint that loads into ``state``; a corrupt or truncated one is skipped with a warning,
+    storage that cannot be read stops the run (``CheckpointStorageError``). Returns the checkpoint's path, or None
+    when the run has none (a fresh start)."""
     fs, _ = storage.filesystem(run_uri)
-    for path in checkpoint_candidates(run_uri, latest):
+    try:
+        candidates = checkpoint_candidates(run_uri, latest)
+    except Exception as err:
+        raise CheckpointStorageError(f"cannot list the checkpoints of {run_uri} ({type(err).__name__}: {err})") from err
+    for path in candidates:
         try:
             _load_from(state, fs, path)
             return path
+        except CheckpointStorageError:
+            raise
         except Exception as err:  # noqa: BLE001 - fall back to the previous checkpoint, whatever broke this one
             log.warning(
                 "checkpoint %s cannot be loaded (%s: %s); trying the previous one",
@@ -100,6 +117,7 @@ def export_teacher(
 __all__ = [
     "CHECKPOINT_DIR",
     "ENCODER_FILE",
+    "CheckpointStorageError",
     "checkpoint_candidates",
     "export_teacher",
     "restore_newest",

@@ -121,7 +121,7 @@ def pretrain(
     if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         _fail("--name may hold letters, digits, '-', '_' and '.' only")
     init_ray()
-    from pipelines.pretrain import run_pretrain
+    from pipelines.pretrain import PretrainError, run_pretrain
 
     try:
         result = run_pretrain(
@@ -135,7 +135,7 @@ def pretrain(
             max_failures=max_failures,
             monitor=monitor,
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, PretrainError) as err:
         _fail(str(err))
     typer.echo(f"pretrained {result.steps} steps; encoder: {result.encoder_uri}")
     typer.echo(f"MLflow run {result.mlflow_run_id}: {ui_command(result.tracking_uri)}")

@@ -59,6 +59,11 @@ class PretrainResult:
     tracking_uri: str
 
 
+class PretrainError(RuntimeError):
+    """A pretraining run that stopped: its workers failed more often than ``max_failures`` allows, or Ray Train's
+    controller failed (its storage gone, say)."""
+
+
 def _dataset_name(modality: str) -> str:
     return f"modality_{modality}"
 
@@ -363,7 +368,17 @@ def run_pretrain(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=split, execution_options=_ingest_options(cfg)),
     )
-    result = _fit(trainer)
+    try:
+        result = _fit(trainer)
+    except ray.train.TrainingFailedError as err:
+        if isinstance(err, ray.train.WorkerGroupError):
+            cause = "; ".join(f"worker {r}: {type(e).__name__}: {e}" for r, e in sorted(err.worker_failures.items()))
+        else:  # the controller, e.g. writing its checkpoint index to storage that has gone away
+            cause = f"{type(err).__name__}: {err}"
+        raise PretrainError(
+            f"pretraining {name} stopped ({cause[:2000]}); the newest complete checkpoint under {run_uri} is kept, "
+            "and the same command resumes from it"
+        ) from err
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:

@@ -37,6 +37,18 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture
+def restart_ray(ray_session):
+    """A function that restarts the session's Ray, so that its workers see the environment as it is now (a test
+    that points them at another S3 endpoint restarts it again after putting the environment back)."""
+
+    def restart() -> None:
+        ray_session.shutdown()
+        _start_ray()
+
+    return restart
+
+
 @pytest.fixture(scope="module")
 def fresh_ray(ray_session):
     """The session's Ray restarted, for a module that runs Ray Train or Tune jobs.

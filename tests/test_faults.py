@@ -12,6 +12,7 @@ import ast
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -373,6 +374,80 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path):
             continue  # never seeded, never drawn from in a step: each process starts them at random
         # bit-identical on CPU; without the exact resume the memory and centre differ by >1e-3, weights by ~1e-5
         assert torch.allclose(value.double(), resumed[key].double(), rtol=0, atol=1e-6), key
+
+
+def test_checkpoint_store_stopped_mid_run_stops_clearly_and_rerun_resumes(shards, tmp_path, restart_ray):
+    """The run's storage is a second S3 server that stops once the first checkpoint is complete: the next upload
+    fails, the restarted worker cannot read its checkpoints and stops the run (no silent restart from step 0)
+    with a message naming the kept checkpoint; on the server back, the first checkpoint is intact and the same
+    command resumes from it."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from mermed.checkpoints import restore_newest
+    from mermed.train import build_train_state
+    from pipelines.pretrain import PretrainError
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("MERMED_S3_ENDPOINT", "AWS_MAX_ATTEMPTS")}
+    os.environ.update({"MERMED_S3_ENDPOINT": endpoint, "AWS_MAX_ATTEMPTS": "2"})
+    restart_ray()  # the workers read the endpoint from their environment
+    try:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        bucket = f"ckpt-{uuid.uuid4().hex[:8]}"
+        fs.mkdir(bucket)
+        cfg = pipeline_config(**{"run.steps": 40, "run.checkpoint_every": 10, "run.embedding_sample": 0})
+        storage, stopped = f"s3://{bucket}/runs", []
+
+        def complete() -> list[str]:
+            """Checkpoints whose two files are both in the store (Ray uploads them one after the other)."""
+            fs.invalidate_cache()
+            with contextlib.suppress(Exception):
+                files = fs.glob(f"{bucket}/runs/s3run/checkpoint_*/state/*")
+                dirs = {f.rsplit("/", 1)[0] for f in files}
+                return sorted(d for d in dirs if {f"{d}/meta.json", f"{d}/state.safetensors"} <= set(files))
+            return []
+
+        def stop_after_first_checkpoint() -> None:
+            while not complete():
+                time.sleep(0.05)
+            stopped.extend(complete())
+            server.stop()
+
+        thread = threading.Thread(target=stop_after_first_checkpoint, daemon=True)
+        thread.start()
+        with pytest.raises(PretrainError, match=f"newest complete checkpoint under {storage}/s3run is kept") as err:
+            run_pretrain(cfg, [shards], storage, "s3run", workers=1, max_failures=1, workdir=str(tmp_path))
+        thread.join()
+        # the cause is the store: the upload or the controller's checkpoint index, or the restarted worker's restore
+        assert re.search("Could not connect|CheckpointStorageError|cannot read checkpoint", str(err.value)), err.value
+        assert len(stopped) == 1
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()  # moto's store lives in this process: the bucket is as the stop left it
+        state = build_train_state(cfg, device=torch.device("cpu"), world_size=1, total_steps=cfg.run.steps)
+        first = stopped[0].rsplit("/state", 1)[0]
+        assert restore_newest(state, f"{storage}/s3run", f"s3://{first}") == f"s3://{first}" and state.step == 10
+        result = run_pretrain(cfg, [shards], storage, "s3run", workers=1, max_failures=0, workdir=str(tmp_path))
+        assert result.steps == cfg.run.steps
+        resumed_at = [
+            m.step
+            for m in mlflow.MlflowClient(result.tracking_uri).get_metric_history(
+                result.mlflow_run_id, "resumed_at_step"
+            )
+        ]
+        assert resumed_at and min(resumed_at) >= 10
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        restart_ray()
 
 
 class _TrackingServer:
