@@ -339,12 +339,30 @@ def test_balanced_batches_fast_forward_continues_the_same_sequence(cache_bytes):
             assert all(np.array_equal(got[k], expected[t][k]) for k in got), (start, t)
 
 
-def test_killed_train_worker_resumes_exactly(shards, tmp_path):
-    """One worker, seeded data order: a run whose worker is SIGKILLed after its first checkpoint restores it and
-    ends with the same weights, memory queue, centre, optimiser and RNG state as an uninterrupted run."""
-    cfg = pipeline_config()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_train_worker_resumes_exactly(shards, tmp_path, workers, monkeypatch):
+    """Seeded data order: a run whose worker (one of two) is SIGKILLed after its first checkpoint restores it and
+    ends with the same weights, memory queue, centre, optimiser and RNG state as an uninterrupted run. With two
+    workers every modality is split between them and streamed (no cache), so each worker's rows come through
+    Ray Data's streaming split on every pass, before and after the restart."""
+    import pipelines.pretrain
+
+    data = [shards]
+    if workers > 1:  # four ingest outputs of ~20 rows per modality: several blocks for the split to deal out
+        monkeypatch.setattr(pipelines.pretrain, "SPLIT_MIN_ROWS_PER_WORKER", 2)
+        rng = np.random.default_rng(5)
+        data = []
+        for k in range(4):
+            for m in ("derm", "oct"):
+                (tmp_path / f"raw{k}" / m).mkdir(parents=True)
+                for i in range(6):
+                    pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+                    tifffile.imwrite(tmp_path / f"raw{k}" / m / f"{i}.tif", pixels)
+            data.append(str(tmp_path / f"shards{k}"))
+            run_ingest([str(tmp_path / f"raw{k}" / m) for m in ("derm", "oct")], data[-1], IngestConfig(), key=KEY)
+    cfg = pipeline_config(**({"data.stream_cache_mb": 0} if workers > 1 else {}))
     storage = tmp_path / "runs"
-    run_pretrain(cfg, [shards], str(storage), "clean", workers=1, max_failures=0)
+    run_pretrain(cfg, data, str(storage), "clean", workers=workers, max_failures=0)
 
     def past_first_checkpoint() -> bool:
         # a step after the first checkpoint was logged: that checkpoint was reported
@@ -353,7 +371,7 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path):
         return False
 
     with killing("ray::RayTrainWorker", past_first_checkpoint) as killed:
-        result = run_pretrain(cfg, [shards], str(storage), "killed", workers=1, max_failures=1)
+        result = run_pretrain(cfg, data, str(storage), "killed", workers=workers, max_failures=1)
     assert killed, "the run ended before its worker could be killed"
     assert result.steps == cfg.run.steps
 
@@ -362,6 +380,11 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path):
     steps = _logged_steps(storage / "killed", "loss")
     assert set(steps) == set(range(1, cfg.run.steps + 1))
     assert all(steps.count(s) == 1 for s in range(1, resumed_at[0] + 1))  # not redone from scratch
+    if workers > 1:
+        saved = json.loads((storage / "killed" / "mlflow_run.json").read_text())
+        client = mlflow.MlflowClient(saved["tracking_uri"])
+        for m in ("DERM", "OCT"):  # a pass boundary crossed in every modality
+            assert max(x.value for x in client.get_metric_history(saved["run_id"], f"epoch_{m}")) >= 1, m
 
     clean_step, clean = _final_state(storage / "clean")
     killed_step, resumed = _final_state(storage / "killed")
