@@ -96,27 +96,38 @@ def _own_processes(title: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def killing(title: str, ready: Callable[[], bool] = lambda: True) -> Iterator[list[int]]:
-    """While the body runs, SIGKILL the first of our processes titled ``title`` once ``ready()``; yields the
-    killed pids (one, or none when the body ended first)."""
-    killed: list[int] = []
+def _hunting(hunt_once: Callable[[], bool], interval_s: float) -> Iterator[None]:
+    """While the body runs, call ``hunt_once()`` every ``interval_s`` in a thread, until it returns True."""
     done = threading.Event()
 
     def hunt() -> None:
-        while not done.is_set() and not killed:
-            if ready():
-                for pid in _own_processes(title)[:1]:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            done.wait(0.02)
+        while not done.is_set() and not hunt_once():
+            done.wait(interval_s)
 
     thread = threading.Thread(target=hunt, daemon=True)
     thread.start()
     try:
-        yield killed
+        yield
     finally:
         done.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def killing(title: str, ready: Callable[[], bool] = lambda: True) -> Iterator[list[int]]:
+    """While the body runs, SIGKILL the first of our processes titled ``title`` once ``ready()``; yields the
+    killed pids (one, or none when the body ended first)."""
+    killed: list[int] = []
+
+    def hunt_once() -> bool:
+        if ready():
+            for pid in _own_processes(title)[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return bool(killed)
+
+    with _hunting(hunt_once, 0.02):
+        yield killed
 
 
 @contextlib.contextmanager
@@ -125,28 +136,21 @@ def killing_readers_of(path: str | Path) -> Iterator[list[int]]:
     a file whose decoding kills its worker, with no hook in the product. Yields the killed pids."""
     target = os.path.realpath(path)
     killed: list[int] = []
-    done = threading.Event()
 
     def holds(pid: int) -> bool:
         with contextlib.suppress(OSError):
             return any(os.readlink(fd) == target for fd in Path(f"/proc/{pid}/fd").iterdir())
         return False
 
-    def hunt() -> None:
-        while not done.is_set():
-            for pid in _own_processes("ray::"):
-                if holds(pid):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            done.wait(0.005)
+    def hunt_once() -> bool:
+        for pid in _own_processes("ray::"):
+            if holds(pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return False  # every attempt, until the body ends
 
-    thread = threading.Thread(target=hunt, daemon=True)
-    thread.start()
-    try:
+    with _hunting(hunt_once, 0.005):
         yield killed
-    finally:
-        done.set()
-        thread.join()
 
 
 # ----------------------------------------------------------------------------------------------- probe data

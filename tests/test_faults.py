@@ -509,6 +509,17 @@ class _TrackingServer:
             self._proc = None
 
 
+def _outage(server: _TrackingServer, ready: Callable[[], bool], times: list[float], seconds: float = 10) -> None:
+    """Once ``ready()``: kill the server, start it again ``seconds`` later; ``times`` gets when it went and came."""
+    while not ready():
+        time.sleep(0.1)
+    server.stop()
+    times.append(time.time())
+    time.sleep(seconds)
+    server.start()
+    times.append(time.time())
+
+
 def _worker_log_lines(text: str) -> int:
     """Lines of this session's Ray worker logs that contain ``text``."""
     import ray
@@ -534,16 +545,7 @@ def test_tracking_server_that_goes_away_mid_run_loses_no_metric(shards, tmp_path
             return max(_logged_steps(storage / "outage", "loss"), default=0)
         return 0
 
-    def interrupt() -> None:
-        while logged() < 2:
-            time.sleep(0.2)
-        server.stop()
-        outage.append(time.time())
-        time.sleep(10)
-        server.start()
-        outage.append(time.time())
-
-    thread = threading.Thread(target=interrupt, daemon=True)
+    thread = threading.Thread(target=_outage, args=(server, lambda: logged() >= 2, outage), daemon=True)
     warned_before = _worker_log_lines("tracking server unreachable")
     try:
         thread.start()
@@ -604,16 +606,7 @@ def test_tracking_server_that_goes_away_mid_sweep_loses_no_trial(fresh_ray, tmp_
             return client.search_runs([experiment.experiment_id], "tags.trial_name != ''")
         return []
 
-    def interrupt() -> None:
-        while not trial_runs():
-            time.sleep(0.1)
-        server.stop()
-        outage.append(time.time())
-        time.sleep(10)
-        server.start()
-        outage.append(time.time())
-
-    thread = threading.Thread(target=interrupt, daemon=True)
+    thread = threading.Thread(target=_outage, args=(server, lambda: bool(trial_runs()), outage), daemon=True)
     try:
         thread.start()
         with caplog.at_level("WARNING", logger="mermed"):
