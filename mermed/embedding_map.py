@@ -119,16 +119,20 @@ def _plot(path: Path, z: np.ndarray, sample: EmbeddingSample) -> None:
     labelled = np.array([v is not None for v in sample.label])
     fig = Figure(figsize=(11 if labelled.any() else 5.5, 5), dpi=110)
     panels = fig.subplots(1, 2 if labelled.any() else 1, squeeze=False)[0]
-    for m in sorted(set(sample.modality)):
+    colours = {m: f"C{i % 10}" for i, m in enumerate(sorted(set(sample.modality)))}  # the same in both panels
+    for m, colour in colours.items():
         rows = sample.modality == m
-        panels[0].scatter(xy[rows, 0], xy[rows, 1], s=6, alpha=0.7, label=m)
+        panels[0].scatter(xy[rows, 0], xy[rows, 1], s=6, alpha=0.7, color=colour, label=m)
     panels[0].set(title="teacher embeddings by modality (PCA)", xlabel="PC 1", ylabel="PC 2")
     panels[0].legend(fontsize=7, markerscale=2)
     if labelled.any():
         for m in sorted(set(sample.modality[labelled])):
-            for value in sorted({str(v) for v in sample.label[labelled & (sample.modality == m)]}):
+            values = sorted({str(v) for v in sample.label[labelled & (sample.modality == m)]})
+            for value, marker in zip(values, "o^sxD*+v<>", strict=False):  # a marker per label, a colour per modality
                 rows = labelled & (sample.modality == m) & (sample.label.astype(str) == value)
-                panels[1].scatter(xy[rows, 0], xy[rows, 1], s=6, alpha=0.7, label=f"{m}: {value}")
+                panels[1].scatter(
+                    xy[rows, 0], xy[rows, 1], s=9, alpha=0.7, color=colours[m], marker=marker, label=f"{m}: {value}"
+                )
         panels[1].set(title="by label, where rows have one", xlabel="PC 1", ylabel="PC 2")
         panels[1].legend(fontsize=6, markerscale=2, ncol=2)
     fig.tight_layout()

@@ -1,5 +1,5 @@
 """Full fine-tuning on Ray Train + Ray Tune with a tiny ViT on CPU: a 2-worker run that trains, scores, and
-resumes after its worker is SIGKILLed; a Tune job of 2 tasks x 2 seeds on half the labels that writes the summary
+resumes after its worker is SIGKILLed; a Tune job of 2 tasks x 2 label fractions x 2 seeds that writes the summary
 (the paired comparison between encoders is tested on its own, without the cost of a second encoder's runs),
 with an external set scored by the model of its task and subgroup metrics by an ingested attribute."""
 
@@ -130,7 +130,7 @@ def test_two_worker_run_trains_scores_and_resumes_after_a_killed_worker(fresh_ra
     assert all(math.isfinite(summary[m]) for m in METRICS)
 
 
-def test_tune_job_of_two_tasks_two_seeds_on_half_the_labels_writes_the_summary(fresh_ray, corpus, tmp_path):
+def test_tune_job_of_two_tasks_two_fractions_two_seeds_writes_the_summary(fresh_ray, corpus, tmp_path):
     tasks = _tasks(
         tmp_path / "tasks.yaml",
         [
@@ -139,18 +139,18 @@ def test_tune_job_of_two_tasks_two_seeds_on_half_the_labels_writes_the_summary(f
         ],
     )
     out = tmp_path / "out"
-    cfg = _config(fractions=[0.5], seeds=[0, 1], train={**_config().train.model_dump(), "epochs": 2})
+    cfg = _config(fractions=[0.5, 1.0], seeds=[0, 1], train={**_config().train.model_dump(), "epochs": 2})
     result = run_finetune(corpus["encoder"], tasks, out, cfg)
     assert result.failed == 0
     runs = {(r["task"], r["encoder"], r["fraction"], r["seed"], r["test_set"]) for r in result.results}
-    cells = [("pretrained", 0.5, s) for s in (0, 1)]
+    cells = [("pretrained", f, s) for f in (0.5, 1.0) for s in (0, 1)]
     expected = {(t, *c, "test") for t in ("octa", "octb") for c in cells} | {("octa", *c, "external") for c in cells}
     assert runs == expected
-    assert {r["n_train"] for r in result.results} == {20}  # a stratified half of the 40 training rows
+    assert {r["n_train"] for r in result.results} == {20, 40}  # a stratified half of the 40 training rows, and all
     with (out / "summary.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == SUMMARY_COLUMNS
-    assert len(rows) == 2 + 1  # each task on its test set, plus octa's external set
+    assert len(rows) == 2 * (2 + 1)  # per fraction: each task on its test set, plus octa's external set
     assert {r["seeds"] for r in rows} == {"2"}
     external = [r for r in rows if r["test_set"] == "external"]
     assert {int(r["n_test"]) for r in external} == {68}  # every labelled row of the external set
@@ -161,7 +161,7 @@ def test_tune_job_of_two_tasks_two_seeds_on_half_the_labels_writes_the_summary(f
     with (out / "subgroups.csv").open() as fh:
         groups = list(csv.DictReader(fh))
     assert {(g["task"], g["attribute"], g["value"], g["n"]) for g in groups} == {("octb", "sex", v, "8") for v in "FM"}
-    assert len(groups) == 2 * 2  # seeds x values
+    assert len(groups) == 2 * 2 * 2  # fractions x seeds x values
     assert "largest AUROC gap between sex groups" in text
 
     import mlflow
