@@ -123,6 +123,21 @@ def unreachable(err: BaseException) -> bool:
     return isinstance(err, (requests.RequestException, ConnectionError, TimeoutError))
 
 
+def retry_here() -> None:
+    """Make MLflow's own HTTP retries short in this process (they back off for minutes per call): the callers
+    of ``when_reachable`` and ``RunLogger`` do the retrying, without stalling the loop that logs."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def metric_batch(metrics: Mapping[str, float], step: int) -> list:
+    """``metrics`` as MLflow entities for one ``log_batch`` at ``step``, stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+
 def when_reachable(action: Callable[[], T], what: str, cfg: TrackingConfig, *, warned: bool = False) -> T | None:
     """``action()``, retried every ``cfg.retry_s`` while the tracking server is unreachable, for up to
     ``cfg.reconnect_timeout_s``; one warning when it first fails (unless the caller has ``warned`` of this
@@ -148,8 +163,8 @@ class RunLogger:
     stops or slows training: metrics wait in memory and are retried every ``retry_s``, with one warning when the
     server becomes unreachable and one when it is back. ``close`` waits for the backlog.
 
-    MLflow's own HTTP retries (minutes of back-off per call) are set low for the calling process: this class
-    does the retrying, and keeps the order of the metrics while it does.
+    MLflow's own HTTP retries are set short for the calling process (``retry_here``): this class does the
+    retrying, and keeps the order of the metrics while it does.
     """
 
     BATCH = 1000  # MLflow's limit of metrics per log_batch
@@ -157,8 +172,7 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str, cfg: TrackingConfig) -> None:
         import mlflow
 
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        retry_here()
         self._client, self._run_id, self._cfg = mlflow.MlflowClient(uri), run_id, cfg
         self._pending: collections.deque = collections.deque()
         self._cond = threading.Condition()
@@ -168,15 +182,12 @@ class RunLogger:
         self._thread.start()
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
         with self._cond:
             room = self._cfg.max_pending - len(self._pending)
             if room < len(metrics) and not self.dropped:
                 log.warning("tracking backlog full (%d metrics): newer metrics are dropped", self._cfg.max_pending)
             self.dropped += max(0, len(metrics) - room)
-            self._pending.extend(Metric(k, float(v), now, step) for k, v in itertools.islice(metrics.items(), room))
+            self._pending.extend(metric_batch(dict(itertools.islice(metrics.items(), room)), step))
             self._cond.notify()
 
     def _send_loop(self) -> None:

@@ -245,8 +245,7 @@ def _record_encoder(uri: str, run_id: str, encoder_uri: str, embedding: dict[str
         for artifact in (encoder_uri, os.path.join(os.path.dirname(encoder_uri), "encoder.json")):
             client.log_artifact(run_id, artifact, artifact_path="encoder")
     if embedding:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, now, 0) for k, v in embedding.items()])
+        client.log_batch(run_id, metrics=tracking.metric_batch(embedding, 0))
     for picture in sorted(pictures.glob("*.png")):
         client.log_artifact(run_id, str(picture))
     client.set_tag(run_id, "mermed.encoder", encoder_uri)

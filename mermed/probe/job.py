@@ -171,7 +171,15 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
     """The whole probe job (see the module docstring) on the Ray cluster this process has joined."""
     import mlflow
 
-    from mermed.tracking import flatten_params, log_params, tracking_uri, ui_command, use_experiment, when_reachable
+    from mermed.tracking import (
+        flatten_params,
+        log_params,
+        metric_batch,
+        tracking_uri,
+        ui_command,
+        use_experiment,
+        when_reachable,
+    )
 
     encoders, datas = inputs.encoders, inputs.tasks
     out = Path(output)
@@ -224,10 +232,7 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
     }
 
     def record() -> None:
-        client.log_batch(
-            run_id,
-            metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0) for k, v in metrics.items()],
-        )
+        client.log_batch(run_id, metrics=metric_batch(metrics, 0))
         for path in artifacts:
             client.log_artifact(run_id, str(path))
         client.set_terminated(run_id)

@@ -28,7 +28,7 @@ from mermed.probe.config import (
     ProbeTrainConfig,
 )
 from mermed.probe.heads import fit_probes, rung_epochs
-from mermed.tracking import unreachable, when_reachable
+from mermed.tracking import metric_batch, retry_here, unreachable, when_reachable
 
 log = logging.getLogger("mermed.probe")
 
@@ -179,13 +179,12 @@ def mlflow_logger(cell_tags: dict[str, dict[str, str]], tracking: TrackingConfig
             import mlflow
             from ray.tune.utils import flatten_dict
 
-            step = int(result["training_iteration"])
-            now = int(time.time() * 1000)
-            metrics = [
-                mlflow.entities.Metric(k, float(v), now, step)
+            numbers = {
+                k: v
                 for k, v in flatten_dict(result, delimiter="/").items()
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
-            ]
+            }
+            metrics = metric_batch(numbers, int(result["training_iteration"]))
             mlflow.MlflowClient(self.tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
@@ -198,7 +197,7 @@ def mlflow_logger(cell_tags: dict[str, dict[str, str]], tracking: TrackingConfig
             when_reachable(self._send, "the sweep's trial runs", tracking, warned=self._down_since is not None)
             super().on_experiment_end(trials, **info)
 
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the callback retries; MLflow's would stall Tune
+    retry_here()  # the callback retries; MLflow's own back-off would stall Tune
     return CellTaggedLogger(**kwargs)
 
 
