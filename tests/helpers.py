@@ -4,6 +4,7 @@ tiny labelled ingest output (bright vs dark images) for probe jobs."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -128,6 +129,13 @@ def killing(title: str, ready: Callable[[], bool] = lambda: True) -> Iterator[li
 
     with _hunting(hunt_once, 0.02):
         yield killed
+
+
+def checkpoint_registered(run_dirs: str) -> Callable[[], bool]:
+    """True once Ray Train has registered a checkpoint of a run matching the glob ``run_dirs`` (it writes its
+    snapshot then): the moment a killed worker must resume from, read from storage rather than from a metric log,
+    which can trail the run by more than the run has left on a loaded machine."""
+    return lambda: bool(glob.glob(os.path.join(run_dirs, "checkpoint_manager_snapshot.json")))
 
 
 @contextlib.contextmanager

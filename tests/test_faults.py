@@ -36,6 +36,7 @@ import yaml
 from helpers import (
     BRIGHT_DARK_SIZE,
     bright_dark_patients,
+    checkpoint_registered,
     killing,
     killing_readers_of,
     proc_stat,
@@ -364,13 +365,7 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path, workers, monkeypa
     storage = tmp_path / "runs"
     run_pretrain(cfg, data, str(storage), "clean", workers=workers, max_failures=0)
 
-    def past_first_checkpoint() -> bool:
-        # a step after the first checkpoint was logged: that checkpoint was reported
-        with contextlib.suppress(Exception):
-            return max(_logged_steps(storage / "killed", "loss"), default=0) > cfg.run.checkpoint_every
-        return False
-
-    with killing("ray::RayTrainWorker", past_first_checkpoint) as killed:
+    with killing("ray::RayTrainWorker", checkpoint_registered(str(storage / "killed"))) as killed:
         result = run_pretrain(cfg, data, str(storage), "killed", workers=workers, max_failures=1)
     assert killed, "the run ended before its worker could be killed"
     assert result.steps == cfg.run.steps

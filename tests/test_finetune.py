@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import killing
+from helpers import checkpoint_registered, killing
 
 from ingest.config import IngestConfig, parse_config
 from ingest.pipeline import run_ingest
@@ -115,7 +115,7 @@ def test_two_worker_run_trains_scores_and_resumes_after_a_killed_worker(fresh_ra
     tasks = _tasks(tmp_path / "tasks.yaml", [{"name": "octa", "data": str(corpus["a"]), "type": "binary"}])
     out = tmp_path / "out"
     cfg = _config(workers_per_trial=2, max_failures=1, train={**_config().train.model_dump(), "epochs": 4})
-    with killing("ray::RayTrainWorker", lambda: max(_trial_epochs(out), default=0) >= 2) as killed:
+    with killing("ray::RayTrainWorker", checkpoint_registered(str(out / "train" / "*"))) as killed:
         result = run_finetune(corpus["encoder"], tasks, out, cfg)
     assert killed, "the run ended before a worker could be killed"
     assert result.failed == 0
