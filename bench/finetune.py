@@ -63,7 +63,8 @@ def probes(work: Path, sets: dict, encoder: Path, pretrain_seed: int, fractions,
         data = inspect_task(ProbeTask(name=name, data=shards, type=kind, modality=modality))
         for enc in encoders:
             cache = work / f"features-seed{pretrain_seed}"
-            features = load_features(extract_features(enc, data, cache, ExtractConfig(batch_size=128))[0], data)
+            ((path, _),) = extract_features(enc, [data], cache, ExtractConfig(batch_size=128))
+            features = load_features(path, data)
             for fraction in fractions:
                 for seed in seeds:
                     rows = subsample_labels(features.y["train"], fraction, seed, kind) if fraction < 1 else None

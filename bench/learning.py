@@ -155,7 +155,8 @@ def main() -> None:
             kind = "binary" if n_classes == 2 else "multiclass"
             data = inspect_task(ProbeTask(name=name, data=shards, type=kind, modality=modality))
             for enc in encoders:
-                path, _ = extract_features(enc, data, work / f"features-seed{seed}", ExtractConfig(batch_size=128))
+                cache = work / f"features-seed{seed}"
+                ((path, _),) = extract_features(enc, [data], cache, ExtractConfig(batch_size=128))
                 score = probe_auroc(load_features(path, data), kind, n_classes)
                 scores.setdefault(name, {})[enc.tag] = score
                 print(f"seed {seed} {name} {enc.tag}: test AUROC {score:.3f}", file=sys.stderr)

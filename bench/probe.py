@@ -123,7 +123,7 @@ def main() -> None:
         extract = parse_config(ProbeConfig, {}).extract
 
         started = time.perf_counter()
-        cache, _ = extract_features(encoder, task, root / "out", extract)
+        ((cache, _),) = extract_features(encoder, [task], root / "out", extract)
         pipeline_rate = args.images / (time.perf_counter() - started)
         bare_rate = bare_forward(encoder, data / "modality=CT/part-00000.parquet", extract.batch_size)
 

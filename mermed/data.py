@@ -69,22 +69,35 @@ def open_shards(
     for every block of the pass); Ray numbers the passes from 0 in each process, so a resumed run continues the
     uninterrupted run's shard order only when it is fixed.
     """
-    import ray
     from ray.data import FileShuffleConfig
     from ray.data.expressions import col
 
     uris = shard_uris(data, modality)
     if not uris:
         raise ValueError(f"no shards{f' of modality {modality}' if modality else ''} in {', '.join(data)}")
-    fs, _ = storage.filesystem(uris[0])
-    paths = [storage.filesystem(u)[1] for u in uris]
-    ds = ray.data.read_parquet(
-        paths,
-        filesystem=storage.arrow_filesystem(fs),
-        columns=list(columns) if columns else None,
+    ds = read_shards(
+        uris,
+        columns=columns,
         shuffle=None if shuffle_seed is None else FileShuffleConfig(shuffle_seed, reseed_after_execution=reshuffle),
     )
     return ds.filter(expr=col("split").is_in(list(splits))) if splits else ds
+
+
+def read_shards(
+    uris: Sequence[str], *, columns: Sequence[str] | None = None, include_paths: bool = False, shuffle=None
+):
+    """A Ray Dataset over shard files of one filesystem (local, or one S3 endpoint); with ``include_paths`` each
+    row's ``path`` is its file's path as ``storage.filesystem`` gives it."""
+    import ray
+
+    fs, _ = storage.filesystem(uris[0])
+    return ray.data.read_parquet(
+        [storage.filesystem(u)[1] for u in uris],
+        filesystem=storage.arrow_filesystem(fs),
+        columns=list(columns) if columns else None,
+        include_paths=include_paths,
+        shuffle=shuffle,
+    )
 
 
 def decode_square(data: bytes, size: int) -> np.ndarray:

@@ -4,11 +4,13 @@ beside a JSON naming the weights' and the shards' hashes. Probes embed a task's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,15 +50,14 @@ EMBED_COLUMNS = (*META_COLUMNS, "study_id", "tile_x", "tile_y", "tile_level", "d
 
 
 class EncoderActor:
-    """Ray Data actor: holds the frozen encoder; shard rows in (those with a ``label`` when one is named),
-    embeddings plus the label and ``columns`` (as strings) out."""
+    """Ray Data actor: holds the frozen encoder; rows in the shape ``_tagged_rows`` gives them, their embeddings
+    plus the label, the job index and ``columns`` out."""
 
     def __init__(
         self,
         model_name: str,
         img_size: int,
         weights: list,
-        label: str | None,
         precision: str,
         normalization: dict,
         threads: int | None = None,
@@ -72,15 +73,13 @@ class EncoderActor:
         model = build_backbone(model_name, img_size)
         model.load_state_dict(ray.get(weights[0]), strict=True)  # the ref is wrapped so that Ray passes it as is
         self.model = model.to(self.device).eval()
-        self.img_size, self.label = img_size, label
+        self.img_size = img_size
         self.embed_dim = embed_dim_of(model)
         self.amp = autocast_dtype(precision, self.device)
         self.normalization = normalization
-        self.columns = columns
+        self.schema = features_schema(self.embed_dim, columns).append(pa.field(JOB, pa.int32()))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.label is not None:
-            batch = batch.filter(labelled_mask(batch[self.label]))
         images = batch["image"].to_pylist()
         if images:
             pixels = torch.from_numpy(np.stack([decode_square(b, self.img_size) for b in images]))
@@ -95,13 +94,46 @@ class EncoderActor:
                 emb = self.model(x).float().cpu().numpy()
         else:
             emb = np.zeros((0, self.embed_dim), np.float32)
-        label = batch[self.label] if self.label is not None else pa.nulls(batch.num_rows, pa.string())
-        columns = [
-            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.embed_dim),
-            pc.cast(label, pa.string()),
-            *(pc.cast(batch[c], pa.string()) for c in self.columns),  # frame (int32) too
-        ]
-        return pa.Table.from_arrays(columns, schema=features_schema(self.embed_dim, self.columns))
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), self.embed_dim)
+        return pa.Table.from_arrays(
+            [embedding, *(batch[f.name] for f in self.schema if f.name != "embedding")], schema=self.schema
+        )
+
+
+JOB = "job"  # the column telling, in the one pipeline of an extraction, which cache a row is for
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Which rows of a shared read go to one cache: those of its shard files, labelled by ``label`` when one is
+    named (and then of the train/val/test splits only)."""
+
+    job: int
+    paths: tuple[str, ...]
+    label: str | None
+
+
+def _tagged_rows(batch: pa.Table, selections: list[_Selection], columns: tuple[str, ...]) -> pa.Table:
+    """Each selection's rows of ``batch`` in the one shape a pipeline's caches share: the label and ``columns`` as
+    strings (frame is int32), the cache's index. A row two caches select is there twice, once for each."""
+    parts = []
+    for sel in selections:
+        mask = pc.is_in(batch["path"], pa.array(sel.paths))
+        if sel.label is not None:
+            mask = pc.and_(mask, pc.and_(labelled_mask(batch[sel.label]), pc.is_in(batch["split"], pa.array(SPLITS))))
+        rows = batch.filter(mask)
+        label = rows[sel.label] if sel.label is not None else pa.nulls(rows.num_rows, pa.string())
+        parts.append(
+            pa.table(
+                {
+                    "image": rows["image"],
+                    "label": pc.cast(label, pa.string()),
+                    **{c: pc.cast(rows[c], pa.string()) for c in columns},
+                    JOB: pa.array(np.full(rows.num_rows, sel.job, np.int32)),
+                }
+            )
+        )
+    return pa.concat_tables(parts)
 
 
 def features_schema(embed_dim: int, columns: tuple[str, ...] = META_COLUMNS) -> pa.Schema:
@@ -135,21 +167,39 @@ def features_dir(output: str | Path, encoder: Encoder, data: TaskData) -> Path:
     return Path(output) / "features" / encoder.tag / data.key
 
 
-def extract_features(encoder: Encoder, data: TaskData, output: str | Path, cfg: ExtractConfig) -> tuple[Path, bool]:
-    """Embeddings of a task's labelled rows under ``encoder``; returns (cache dir, True when it was reused)."""
-    task = data.task
-    return _cached_embeddings(
-        encoder,
-        task.data,
-        features_dir(output, encoder, data),
-        data.identity,
-        cfg,
-        modality=task.modality,
-        label=task.label,
-        columns=META_COLUMNS,
-        expected_rows=sum(data.counts.values()),
-        name=f"task {task.name}",
-    )
+@dataclass(frozen=True)
+class _Cache:
+    """One cache of embeddings to fill or reuse: the rows of ``data`` (of ``modality``; those with a ``label``
+    when one is named), reused while its JSON names the same weights and ``identity``."""
+
+    data: str
+    out: Path
+    identity: dict
+    modality: str | None
+    label: str | None
+    expected_rows: int | None
+    name: str
+
+
+def extract_features(
+    encoder: Encoder, datas: Sequence[TaskData], output: str | Path, cfg: ExtractConfig
+) -> list[tuple[Path, bool]]:
+    """Embeddings of each task's labelled rows under ``encoder``, in one Ray Data pipeline for all the tasks whose
+    cache is missing or stale (the pipeline's start, the actors and the weights are paid once); returns (cache
+    dir, True when it was reused) per task, in order."""
+    caches = [
+        _Cache(
+            data.task.data,
+            features_dir(output, encoder, data),
+            data.identity,
+            data.task.modality,
+            data.task.label,
+            sum(data.counts.values()),
+            f"task {data.task.name}",
+        )
+        for data in datas
+    ]
+    return _cached_embeddings(encoder, caches, cfg, META_COLUMNS)
 
 
 def embed_shards(
@@ -167,62 +217,67 @@ def embed_shards(
     modalities = manifest.get("modalities", {})
     if modality is not None and modality not in modalities:
         raise ProbeError(f"{data} has no rows of modality {modality} (it has {', '.join(sorted(modalities))})")
-    return _cached_embeddings(
-        encoder,
-        data,
-        Path(output),
-        identity,
-        cfg,
-        modality=modality,
-        label=None,
-        columns=EMBED_COLUMNS,
-        expected_rows=modalities[modality] if modality else manifest.get("rows"),
-        name=str(data),
+    expected = modalities[modality] if modality else manifest.get("rows")
+    (done,) = _cached_embeddings(
+        encoder, [_Cache(data, Path(output), identity, modality, None, expected, str(data))], cfg, EMBED_COLUMNS
     )
+    return done
+
+
+def _is_current(cache: _Cache, encoder: Encoder) -> bool:
+    meta_path = cache.out / FEATURES_JSON
+    if not (meta_path.is_file() and (cache.out / FEATURES_FILE).is_file()):
+        return False
+    meta = json.loads(meta_path.read_text())
+    return meta.get("encoder") == encoder.fingerprint and meta.get("data") == cache.identity
 
 
 def _cached_embeddings(
-    encoder: Encoder,
-    data: str,
-    out: Path,
-    identity: dict,
-    cfg: ExtractConfig,
-    *,
-    modality: str | None,
-    label: str | None,
-    columns: tuple[str, ...],
-    expected_rows: int | None,
-    name: str,
-) -> tuple[Path, bool]:
-    """The cache ``out`` of ``data``'s rows embedded by ``encoder``: reused when its JSON names the same weights and
-    ``identity``, else extracted again. The parquet is written beside the cache and moved into place, and the
-    JSON goes last: a cache without its JSON, or with a JSON naming other weights or data, is extracted again."""
+    encoder: Encoder, caches: list[_Cache], cfg: ExtractConfig, columns: tuple[str, ...]
+) -> list[tuple[Path, bool]]:
+    """Fill the stale ``caches`` in one pipeline: their shard files are read once, each cache's rows tagged with
+    its index, and they go through one pool of encoder actors. Each parquet is written beside its cache and moved
+    into place, and its JSON goes last: a cache without its JSON, or with a JSON naming other weights or data, is
+    extracted again."""
     import pyarrow.parquet as pq
     import ray
 
-    from mermed.data import open_shards
+    from mermed.data import read_shards, shard_uris
 
-    expected = {"encoder": encoder.fingerprint, "data": identity}
-    meta_path = out / FEATURES_JSON
-    if meta_path.is_file() and (out / FEATURES_FILE).is_file():
-        meta = json.loads(meta_path.read_text())
-        if {k: meta.get(k) for k in expected} == expected:
-            log.info("features: reusing %s for %s", out, name)
-            return out, True
+    stale = [i for i, c in enumerate(caches) if not _is_current(c, encoder)]
+    for c in (c for i, c in enumerate(caches) if i not in stale):
+        log.info("features: reusing %s for %s", c.out, c.name)
+    if not stale:
+        return [(c.out, True) for c in caches]
     actors, gpus, threads = actor_pool(cfg)
-    log.info("features: embedding %s with encoder %s on %d actor(s)", name, encoder.tag, actors)
+    names = ", ".join(caches[i].name for i in stale)
+    log.info("features: embedding %s with encoder %s on %d actor(s)", names, encoder.tag, actors)
     started = time.perf_counter()
-    read = ["image", *([label] if label else []), *columns]
-    ds = open_shards(
-        [data], splits=None if label is None else SPLITS, modality=modality, columns=list(dict.fromkeys(read))
-    )
+    # One read of every shard file any stale cache needs (once each, however many caches select it), per kind of
+    # filesystem: a Ray Data pipeline per cache, or a union of one read per cache, costs its start over again.
+    selections: dict[bool, list[_Selection]] = {}
+    uris: dict[bool, set[str]] = {}
+    for i in stale:
+        c = caches[i]
+        remote = storage.is_remote(c.data)
+        files = shard_uris([c.data], c.modality)
+        uris.setdefault(remote, set()).update(files)
+        selections.setdefault(remote, []).append(_Selection(i, tuple(storage.filesystem(u)[1] for u in files), c.label))
+    labels = [caches[i].label for i in stale if caches[i].label]
+    read = list(dict.fromkeys(["image", "split", *labels, *columns]))
+    parts = [
+        read_shards(sorted(uris[remote]), columns=read, include_paths=True).map_batches(
+            _tagged_rows, fn_kwargs={"selections": sels, "columns": columns}, batch_format="pyarrow", batch_size=None
+        )
+        for remote, sels in selections.items()
+    ]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     ds = ds.map_batches(
         EncoderActor,
         fn_constructor_kwargs={
             "model_name": encoder.model_name,
             "img_size": encoder.img_size,
             "weights": [ray.put(encoder.weights)],
-            "label": label,
             "precision": cfg.precision,
             "normalization": encoder.normalization,
             "threads": threads,
@@ -234,35 +289,52 @@ def _cached_embeddings(
         num_gpus=gpus,
         num_cpus=cfg.cpus_per_actor,
     )
-    staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    progress = Progress(log, f"features of {name}", expected_rows, "rows")
+    staging = {i: caches[i].out.with_name(f".{caches[i].out.name}.tmp-{uuid.uuid4().hex[:8]}") for i in stale}
+    expected = [caches[i].expected_rows for i in stale]
+    what = caches[stale[0]].name if len(stale) == 1 else f"{len(stale)} sets"
+    progress = Progress(log, f"features of {what}", None if None in expected else sum(expected), "rows")
+    rows = dict.fromkeys(stale, 0)
+    schema = features_schema(encoder.embed_dim, columns)
     try:
-        schema = features_schema(encoder.embed_dim, columns)
-        with pq.ParquetWriter(staging / FEATURES_FILE, schema, compression="zstd") as writer:
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            for i, d in staging.items():
+                d.mkdir(parents=True)
+                writers[i] = stack.enter_context(pq.ParquetWriter(d / FEATURES_FILE, schema, compression="zstd"))
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                writer.write_table(batch.cast(schema))
+                job = batch[JOB].to_numpy()
+                for i in np.unique(job):
+                    part = batch.filter(pa.array(job == i)).drop_columns([JOB])
+                    writers[int(i)].write_table(part.cast(schema))
+                    rows[int(i)] += part.num_rows
                 progress.update(batch.num_rows)
-        rows = progress.done
-        if expected_rows is not None and rows != expected_rows:
-            raise ProbeError(f"{name}: extracted {rows} rows but found {expected_rows}; did the data change?")
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
+        for i in stale:
+            c = caches[i]
+            if c.expected_rows is not None and rows[i] != c.expected_rows:
+                found = f"extracted {rows[i]} rows but found {c.expected_rows}"
+                raise ProbeError(f"{c.name}: {found}; did the data change?")
+        seconds = time.perf_counter() - started
+        for i in stale:
+            c = caches[i]
+            shutil.rmtree(c.out, ignore_errors=True)
+            staging[i].rename(c.out)
+            meta = {
+                "encoder": encoder.fingerprint,
+                "data": c.identity,
+                "encoder_tag": encoder.tag,
+                "model_name": encoder.model_name,
+                "img_size": encoder.img_size,
+                "embed_dim": encoder.embed_dim,
+                "rows": rows[i],
+                "seconds": round(seconds, 3),  # of the whole pipeline, shared by the caches it filled
+                "filled_with": len(stale),
+            }
+            (c.out / FEATURES_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    seconds = time.perf_counter() - started
+        for d in staging.values():
+            shutil.rmtree(d, ignore_errors=True)
     progress.close()
-    meta = {
-        **expected,
-        "encoder_tag": encoder.tag,
-        "model_name": encoder.model_name,
-        "img_size": encoder.img_size,
-        "embed_dim": encoder.embed_dim,
-        "rows": rows,
-        "seconds": round(seconds, 3),
-    }
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    return out, False
+    return [(c.out, i not in stale) for i, c in enumerate(caches)]
 
 
 @dataclass

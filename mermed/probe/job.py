@@ -196,11 +196,14 @@ def run_probe_job(inputs: ProbeInputs, output: str | Path, cfg: ProbeConfig) -> 
     log_params(client, run_id, flatten_params(params))
     reused: dict[str, bool] = {}
     try:
+        caches = {}
+        for enc in encoders:  # one pipeline per encoder over every task's rows
+            for data, (path, fresh) in zip(datas, extract_features(enc, datas, out, cfg.extract), strict=True):
+                caches[enc.tag, data.task.name], reused[f"{enc.tag}/{data.task.name}"] = path, fresh
         cells = []
         for data in datas:
             for enc in encoders:
-                path, reused[f"{enc.tag}/{data.task.name}"] = extract_features(enc, data, out, cfg.extract)
-                features = load_features(path, data)
+                features = load_features(caches[enc.tag, data.task.name], data)
                 cells += [
                     Cell(data, enc.tag, fraction, seed, features)
                     for fraction in sorted(cfg.fractions)
