@@ -77,11 +77,22 @@ _SOP_CLASS = {
     "CR": dcm_uid.ComputedRadiographyImageStorage,
     "DX": dcm_uid.DigitalXRayImageStorageForPresentation,
     "US": dcm_uid.UltrasoundImageStorage,
+    "OP": dcm_uid.OphthalmicPhotography8BitImageStorage,
+    "OPT": dcm_uid.OphthalmicTomographyImageStorage,
+    "XC": dcm_uid.VLPhotographicImageStorage,
 }
 _HU_OFFSET = 1024  # CT stores HU + 1024, declared as RescaleIntercept -1024
 _CXR_MAX = 4095  # 12-bit radiographs
 _PHI_NAME_EVERY = 4  # one sample in four gets a file name made of the patient's name and MRN
 _DICOM_DIRS = ("ct", "cxr", "us")
+# Folders of photographs and B-scans where one sample in four comes as DICOM instead of a picture file, as a hospital's
+# eye clinic (OP fundus photos, OPT OCT volumes) and dermatology (XC photos) store them.
+_SOMETIMES_DICOM = {"cfp": "OP", "oct": "OPT", "derm": "XC"}
+_SOMETIMES_DICOM_AT = 1  # the sample index modulo _PHI_NAME_EVERY written as DICOM
+
+
+def _as_dicom(folder: str, index: int) -> bool:
+    return folder in _DICOM_DIRS or (folder in _SOMETIMES_DICOM and index % _PHI_NAME_EVERY == _SOMETIMES_DICOM_AT)
 
 
 @dataclass
@@ -482,11 +493,12 @@ def write_dicom_image(
     rng: np.random.Generator,
     photometric: str | None = None,
 ) -> Path:
-    """Write a CR/DX radiograph or a US image as DICOM.
+    """Write a CR/DX radiograph, a US image, an OP fundus photo, an OPT OCT volume or an XC skin photo as DICOM.
 
     CR/DX: ``pixels`` are 12-bit presentation values (higher = denser = brighter); MONOCHROME1 stores them inverted,
     as many CR devices do, so a reader that ignores the photometric interpretation shows a negative.
-    US: uint8 RGB, (H, W, 3), or (frames, H, W, 3) for a multi-frame cine loop.
+    US: uint8 RGB, (H, W, 3), or (frames, H, W, 3) for a multi-frame cine loop. OP, XC: uint8 RGB (H, W, 3).
+    OPT: uint8 B-scans (frames, H, W).
     """
     pixels = np.asarray(pixels)
     if modality in ("CR", "DX"):
@@ -502,8 +514,16 @@ def write_dicom_image(
             raise ValueError(f"US needs uint8 RGB pixels (H, W, 3) or (F, H, W, 3), got {pixels.dtype} {pixels.shape}")
         stored, photometric, bits = pixels, "RGB", 8
         sop_class = dcm_uid.UltrasoundMultiFrameImageStorage if pixels.ndim == 4 else _SOP_CLASS["US"]
+    elif modality in ("OP", "XC"):
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+            raise ValueError(f"{modality} needs uint8 RGB pixels (H, W, 3), got {pixels.dtype} {pixels.shape}")
+        stored, photometric, bits, sop_class = pixels, "RGB", 8, _SOP_CLASS[modality]
+    elif modality == "OPT":
+        if pixels.dtype != np.uint8 or pixels.ndim != 3:
+            raise ValueError(f"OPT needs uint8 B-scans (frames, H, W), got {pixels.dtype} {pixels.shape}")
+        stored, photometric, bits, sop_class = pixels, "MONOCHROME2", 8, _SOP_CLASS[modality]
     else:
-        raise ValueError(f"write_dicom_image writes CR, DX or US, not {modality!r}")
+        raise ValueError(f"write_dicom_image writes CR, DX, US, OP, OPT or XC, not {modality!r}")
     ds = _new_dicom(modality, sop_class, patient_id=patient_id, phi=phi, rng=rng)
     ds.set_pixel_data(stored, photometric, bits, generate_instance_uid=False)
     if modality == "US":
@@ -657,7 +677,9 @@ def make_sample_corpus(
                 "AccessionNumber": f"ACC{mrng.integers(10**7, 10**8)}",
                 "ReferringPhysicianName": str(mrng.choice(_PHYSICIANS)),
             }
-            if folder in _DICOM_DIRS:
+            if folder in _SOMETIMES_DICOM:  # eye and skin devices record when, and which eye
+                phi["AcquisitionDateTime"] = f"2024{mrng.integers(1, 13):02d}{mrng.integers(1, 29):02d}093015"
+            if _as_dicom(folder, i):
                 phi_strings.update({*phi.values(), *phi["PatientName"].split("^")[:2]})
             cine = i == int(np.argmax(labels == label))  # the first ultrasound of each class is a cine loop
             # Each sample draws from its own generator, so samples can be written in parallel, deterministically.
@@ -717,6 +739,13 @@ def _write_sample(
         return [write_dicom_image(out / f"{stem}.dcm", frames if cine else frames[0], modality="US", **ident)]
     if folder == "path":
         return [write_pyramidal_tiff(out / f"{stem}.tiff", _he_slide(rng, slide_size, positive))]
+    if _as_dicom(folder, index):
+        code = _SOMETIMES_DICOM[folder]
+        if code == "OPT":  # a volume of three B-scans of the same eye
+            pixels = np.stack([_oct_bscan(rng, size, positive) for _ in range(3)])
+        else:
+            pixels = (_fundus if code == "OP" else _derm_photo)(rng, size, positive)
+        return [write_dicom_image(out / f"{stem}.dcm", pixels, modality=code, **ident)]
     draw, save, ext = {
         "cfp": (_fundus, _save_png, "png"),
         "oct": (_oct_bscan, _save_png, "png"),

@@ -125,10 +125,18 @@ def test_dicom_files_reread_with_planted_phi(corpus, rows):
         elif ds.Modality in ("CR", "DX"):
             assert ds.BitsStored == 12 and arr.max() <= 4095 and "WindowCenter" in ds and "WindowWidth" in ds
             seen["cxr"].add((ds.Modality, ds.PhotometricInterpretation))
+        elif ds.Modality == "OPT":  # an OCT volume: B-scans as frames
+            assert ds.SOPClassUID == pydicom.uid.OphthalmicTomographyImageStorage and arr.shape[0] == 3
+            assert str(ds.AcquisitionDateTime) in phi
+        elif ds.Modality in ("OP", "XC"):
+            assert ds.PhotometricInterpretation == "RGB" and arr.ndim == 3 and arr.shape[-1] == 3
+            assert str(ds.AcquisitionDateTime) in phi
         else:
             assert ds.Modality == "US" and ds.PhotometricInterpretation == "RGB" and arr.shape[-1] == 3
             seen["frames"].add(int(ds.get("NumberOfFrames", 1)))
-    assert seen["modality"] == {("ct", "CT"), ("cxr", "CR"), ("cxr", "DX"), ("us", "US")}
+    assert seen["modality"] == {
+        ("ct", "CT"), ("cxr", "CR"), ("cxr", "DX"), ("us", "US"), ("cfp", "OP"), ("oct", "OPT"), ("derm", "XC")
+    }  # fmt: skip
     assert seen["cxr"] == {(m, p) for m in ("CR", "DX") for p in ("MONOCHROME1", "MONOCHROME2")}
     assert seen["frames"] == {1, 3}
 
@@ -219,10 +227,10 @@ def test_same_seed_same_bytes(tmp_path):
 def test_phi_strings_cover_headers_and_file_names(corpus, rows):
     phi = set(corpus.phi_strings)
     planted: set[str] = {r["patient_id"] for r in rows}
-    for path in (corpus.root / d for d in ("ct", "cxr", "us")):
-        for f in path.rglob("*.dcm"):
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            planted |= {str(ds[t].value) for t in PHI_TAGS} | {ds.PatientID}
+    for f in corpus.root.rglob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        planted |= {str(ds[t].value) for t in PHI_TAGS if t in ds} | {ds.PatientID}
+        planted |= {str(ds.AcquisitionDateTime)} if "AcquisitionDateTime" in ds else set()
     assert planted <= phi
     named = [r["path"] for r in rows if any(s in r["path"] for s in planted if s.startswith("MRN-"))]
     assert {p.split("/")[0] for p in named} == set(MODALITY_DIRS), "every modality has file names carrying PHI"
