@@ -8,6 +8,7 @@ names, dates and every other header value stay here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterator
@@ -30,8 +31,10 @@ from pydicom.uid import (
     OphthalmicPhotography16BitImageStorage,
     OphthalmicTomographyImageStorage,
     VLPhotographicImageStorage,
+    VLWholeSlideMicroscopyImageStorage,
 )
 
+from ingest import wsi
 from ingest.config import IngestConfig
 from ingest.image import crop_fundus, require_finite, scale_to_uint8
 from ingest.schema import DecodeError, Image, InputError, ReadResult
@@ -56,6 +59,10 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 # Samples per pixel that each photometric interpretation implies (PS3.3 C.7.6.3.1.2).
 SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "HSV": 3, "ARGB": 4, "CMYK": 4}
+
+
+class SlidePart(InputError):
+    """An instance of a DICOM whole-slide image that gives no rows of its own (a lower level, a label image)."""
 
 
 @dataclass
@@ -297,6 +304,37 @@ def _input_error(err: Exception) -> InputError:
     return err if isinstance(err, InputError) else DecodeError(f"DICOM file is corrupt ({type(err).__name__})")
 
 
+def _slide(paths: list[str], members: list[_Header], modality: str | None, cfg: IngestConfig) -> Iterator[ReadResult]:
+    """A DICOM whole-slide image (SM): one instance per pyramid level, plus label and overview images, in one
+    series. OpenSlide opens the base level and finds the other levels beside it (the unit is their folder); the
+    tiles are the ones any slide gives (``wsi``). The other instances are accounted for by a quarantine row each:
+    the levels are read through the base, and label and overview images are left out on purpose (a slide label
+    often carries the patient's name as burned-in text)."""
+    volumes = [h for h in members if "VOLUME" in _image_type(h.ds)]
+    if not volumes:
+        for h in members:
+            yield h.index, InputError("DICOM whole-slide image series without a VOLUME (tiled level) instance")
+        return
+    base = max(volumes, key=lambda h: int(h.ds.get("TotalPixelMatrixColumns") or 0))
+    keys = {"patient_key": _text(base.ds, "PatientID"), "study_key": _text(base.ds, "StudyInstanceUID")}
+    try:
+        for tile in wsi.read_one(paths[base.index], modality or "PATH", cfg):
+            yield base.index, dataclasses.replace(tile, **keys)
+    except Exception as err:  # noqa: BLE001 - the slide is quarantined, the rest of the folder is still read
+        yield base.index, _input_error(err)
+    for h in members:
+        if h is base:
+            continue
+        kind = "a lower pyramid level" if h in volumes else f"a {'/'.join(_image_type(h.ds)[2:3]) or 'non-tiled'} image"
+        reason = "read through the slide's base level" if h in volumes else "not ingested (may carry burned-in text)"
+        yield h.index, SlidePart(f"{kind} of a DICOM whole-slide image: {reason}")
+
+
+def _image_type(ds: Dataset) -> list[str]:
+    value = ds.get("ImageType") or []
+    return [str(v).upper() for v in (value if isinstance(value, MultiValue | list) else [value])]
+
+
 def read(paths: list[str], modality: str | None, cfg: IngestConfig) -> Iterator[ReadResult]:
     """Read a directory's DICOM files: group them by series, order each series' slices, decode file by file."""
     series: dict[object, list[_Header]] = {}
@@ -310,6 +348,9 @@ def read(paths: list[str], modality: str | None, cfg: IngestConfig) -> Iterator[
             continue
         series.setdefault(uid or ("file", i), []).append(header)
     for members in series.values():
+        if str(members[0].ds.get("SOPClassUID") or "") == VLWholeSlideMicroscopyImageStorage:
+            yield from _slide(paths, members, modality, cfg)
+            continue
         ordered = _slice_order(members)
         rank = {h.index: r for r, h in enumerate(h for h in ordered if h.single_frame)}
         for header in ordered:

@@ -529,7 +529,7 @@ def write_dicom_image(
     if modality == "US":
         if pixels.ndim == 4:
             ds.FrameTime = 33.3
-    else:
+    elif modality in ("CR", "DX"):
         ds.BodyPartExamined = "CHEST"
         ds.ViewPosition = "PA"
         ds.ImagerPixelSpacing = [0.14 * 2048 / pixels.shape[0]] * 2
@@ -540,6 +540,73 @@ def write_dicom_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_dicom_slide(
+    dir: Path,
+    image_rgb: np.ndarray,
+    *,
+    patient_id: str,
+    phi: dict[str, str],
+    rng: np.random.Generator,
+    tile: int = 256,
+    levels: int = 2,
+    mpp: float = 0.5,
+) -> list[Path]:
+    """Write a DICOM whole-slide image (VL Whole Slide Microscopy, SM) as ``dir/level_K.dcm`` (TILED_FULL,
+    uncompressed, each level half the previous) plus ``dir/label.dcm``, a LABEL image showing the patient's name
+    as a slide label would: the layout a scanner's DICOM export gives, and OpenSlide 4 opens. Returns the paths."""
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or levels < 1:
+        raise ValueError(f"need uint8 (H, W, 3) pixels and levels >= 1, got {image_rgb.dtype} {image_rgb.shape}")
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid, frame_uid = _uid(rng), _uid(rng), _uid(rng)
+    level = PILImage.fromarray(image_rgb)
+    paths = []
+    for k in range(levels + 1):
+        label = k == levels
+        ds = _new_dicom(
+            "SM", dcm_uid.VLWholeSlideMicroscopyImageStorage,
+            patient_id=patient_id, phi=phi, rng=rng, study_uid=study_uid, series_uid=series_uid,
+        )  # fmt: skip
+        ds.FrameOfReferenceUID = frame_uid
+        ds.InstanceNumber = k + 1
+        ds.TotalPixelMatrixFocalPlanes = ds.NumberOfOpticalPaths = 1
+        path_item = Dataset()
+        path_item.OpticalPathIdentifier = "1"
+        ds.OpticalPathSequence = [path_item]
+        if label:  # a photo of the slide's paper label: the name on it
+            pixels = np.full((64, 192, 3), 255, np.uint8)
+            draw = ImageDraw.Draw(img := PILImage.fromarray(pixels))
+            draw.text((4, 24), phi.get("PatientName", patient_id), fill=(0, 0, 0))
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "LABEL", "NONE"]
+            ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = img.width, img.height  # one frame, whole
+            ds.DimensionOrganizationType = "TILED_FULL"
+            ds.set_pixel_data(np.asarray(img), "RGB", 8, generate_instance_uid=False)
+        else:
+            if k:
+                level = level.resize((max(1, level.width // 2), max(1, level.height // 2)), PILImage.Resampling.BOX)
+            pixels = np.asarray(level)
+            h, w = pixels.shape[:2]
+            ny, nx = -(-h // tile), -(-w // tile)
+            padded = np.zeros((ny * tile, nx * tile, 3), np.uint8)
+            padded[:h, :w] = pixels
+            frames = padded.reshape(ny, tile, nx, tile, 3).swapaxes(1, 2).reshape(ny * nx, tile, tile, 3)
+            ds.ImageType = ["ORIGINAL" if k == 0 else "DERIVED", "PRIMARY", "VOLUME", "NONE" if k == 0 else "RESAMPLED"]
+            ds.DimensionOrganizationType = "TILED_FULL"
+            ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
+            ds.set_pixel_data(frames, "RGB", 8, generate_instance_uid=False)
+            measures = Dataset()
+            measures.PixelSpacing = [mpp * 2**k / 1000] * 2  # millimetres, row then column
+            measures.SliceThickness = 0.001
+            shared = Dataset()
+            shared.PixelMeasuresSequence = [measures]
+            ds.SharedFunctionalGroupsSequence = [shared]
+            ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = w * mpp * 2**k / 1000, h * mpp * 2**k / 1000
+        paths.append(dir / ("label.dcm" if label else f"level_{k}.dcm"))
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
 
 
 def write_pyramidal_tiff(

@@ -513,6 +513,32 @@ def test_wsi_tiles_tissue_at_target_resolution(tmp_path):
     assert (0, 0) in {(img.tile_x, img.tile_y) for img in coarse}  # the quarter-tissue corner passes at 0.2
 
 
+def test_dicom_whole_slide_image_tiles_like_the_same_slide_as_tiff(tmp_path):
+    """A DICOM WSI (SM: a TILED_FULL instance per level and a label image, as a scanner exports it) goes through
+    OpenSlide and gives the tiles the TIFF of the same pixels gives; the lower level is read through the base, the
+    label (the patient's name as text) is left out with a reason; the patient and study come from the header."""
+    from ingest.samples import write_dicom_slide
+
+    tiff = write_slide(tmp_path / "s.tif")
+    pixels = tifffile.imread(tiff, level=0)
+    phi = {"PatientName": PHI[0], "PatientBirthDate": PHI[1], "InstitutionName": PHI[2]}
+    rng = np.random.default_rng(0)
+    paths = [
+        str(p) for p in write_dicom_slide(tmp_path / "dcm", pixels, patient_id="PID-7", phi=phi, rng=rng, mpp=0.25)
+    ]
+    assert [Path(p).name for p in paths] == ["level_0.dcm", "level_1.dcm", "label.dcm"]
+    images, errors = run(dicom.read, paths, None, wsi_cfg())
+    expected = list(wsi.read_one(str(tiff), "PATH", wsi_cfg()))
+    assert set(images) == {0} and set(errors) == {1, 2}
+    assert [(i.tile_x, i.tile_y) for i in images[0]] == [(e.tile_x, e.tile_y) for e in expected]
+    for got, want in zip(images[0], expected, strict=True):
+        assert got.modality == "PATH" and got.mpp == 0.5 and got.pixels.shape == (224, 224, 3)
+        assert np.abs(got.pixels.astype(int) - want.pixels.astype(int)).max() <= 2  # levels resampled alike
+        assert got.patient_key == "PID-7" and got.study_key and got.study_key != "1.2.3.4"
+    assert "lower pyramid level" in str(errors[1]) and "LABEL" in str(errors[2]) and "burned-in" in str(errors[2])
+    assert not any(p.split("^")[0] in str(e) for e in errors.values() for p in PHI)
+
+
 def test_wsi_cap_is_deterministic(tmp_path):
     path = str(write_slide(tmp_path / "s.tif"))
     full = [(img.tile_x, img.tile_y) for img in wsi.read_one(path, "PATH", wsi_cfg())]
