@@ -210,6 +210,9 @@ def plot_label_efficiency(path: Path, task: str, summary: Sequence[dict[str, Any
             x, [r["auroc_lo"] for r in rows], [r["auroc_hi"] for r in rows], color=line.get_color(), alpha=0.2
         )
     ax.set_xscale("log")
+    fractions = sorted({r["fraction"] for r in summary if r["task"] == task})
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])  # the fractions run, not powers of ten
+    ax.minorticks_off()
     ax.set(xlabel="fraction of training labels", ylabel="test AUROC", title=f"{task}: label efficiency")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
