@@ -151,19 +151,21 @@ def test_features_are_cached_and_split_by_patient(job, encoder_file) -> None:
 
 def test_one_pipeline_fills_every_stale_cache_as_separate_runs_would(job, tmp_path: Path, encoder_file: Path) -> None:
     """Tasks of different data extracted in one call go through one pipeline; each cache holds the rows and
-    embeddings its own extraction gives, and a current cache among them is reused, not refilled."""
+    embeddings its own extraction gives, two tasks of the same data share one, and a current cache among them is
+    reused, not refilled."""
     _, data = job
     other = write_ingest_output(tmp_path / "other", bright_dark_patients(4, 2, 2), seed=3)
-    tasks = [inspect_task(_task(d, name=n)) for d, n in ((data, "a"), (other, "b"))]
+    tasks = [inspect_task(_task(d, name=n)) for d, n in ((data, "a"), (other, "b"), (data, "a2"))]
     pretrained = load_encoders(encoder_file, [])[0]
 
     def table(path: Path) -> pa.Table:
         return pq.read_table(path / FEATURES_FILE).sort_by([("source", "ascending"), ("frame", "ascending")])
 
     together = extract_features(pretrained, tasks, tmp_path / "together", CFG.extract)
-    assert [reused for _, reused in together] == [False, False]
-    assert [json.loads((p / FEATURES_JSON).read_text())["filled_with"] for p, _ in together] == [2, 2]
-    for task, (path, _) in zip(tasks, together, strict=True):
+    assert [reused for _, reused in together] == [False, False, False]
+    assert together[2][0] == together[0][0], "the same encoder and data: one cache, filled once"
+    assert [json.loads((p / FEATURES_JSON).read_text())["filled_with"] for p, _ in together] == [2, 2, 2]
+    for task, (path, _) in zip(tasks[:2], together, strict=False):
         ((alone, _),) = extract_features(pretrained, [task], tmp_path / f"alone-{task.task.name}", CFG.extract)
         a, b = table(path), table(alone)
         assert a.num_rows == sum(task.counts.values())
@@ -172,7 +174,7 @@ def test_one_pipeline_fills_every_stale_cache_as_separate_runs_would(job, tmp_pa
         np.testing.assert_allclose(ea, eb, rtol=0, atol=1e-5)
     shutil.rmtree(together[1][0])
     again = extract_features(pretrained, tasks, tmp_path / "together", CFG.extract)
-    assert [reused for _, reused in again] == [True, False]
+    assert [reused for _, reused in again] == [True, False, True]
 
 
 def _task(data: Path, **kw):

@@ -244,9 +244,13 @@ def _cached_embeddings(
 
     from mermed.data import read_shards, shard_uris
 
-    stale = [i for i, c in enumerate(caches) if not _is_current(c, encoder)]
-    for c in (c for i, c in enumerate(caches) if i not in stale):
-        log.info("features: reusing %s for %s", c.out, c.name)
+    stale: list[int] = []  # a cache two tasks share (the same encoder and data) is filled once
+    for i, c in enumerate(caches):
+        if not _is_current(c, encoder) and all(caches[j].out != c.out for j in stale):
+            stale.append(i)
+    for c in caches:
+        if all(caches[i].out != c.out for i in stale):
+            log.info("features: reusing %s for %s", c.out, c.name)
     if not stale:
         return [(c.out, True) for c in caches]
     actors, gpus, threads = actor_pool(cfg)
@@ -334,7 +338,8 @@ def _cached_embeddings(
         for d in staging.values():
             shutil.rmtree(d, ignore_errors=True)
     progress.close()
-    return [(c.out, i not in stale) for i, c in enumerate(caches)]
+    filled = {caches[i].out for i in stale}
+    return [(c.out, c.out not in filled) for c in caches]
 
 
 @dataclass
