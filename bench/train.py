@@ -13,11 +13,14 @@
 (c) ``--gpu``: images/s and model FLOP utilisation of ViT-B/16 (2 x 224 + 10 x 96 views, bf16) on one GPU,
     eager and with ``run.compile`` (torch.compile), and what compiling costs.
 (d) ``--cpu-step``: the same for the tiny and the ViT-B config on the CPU, in images/s per core.
+(e) ``--data-wait``: the share of a Ray Train step spent waiting for its batch (the worker's ``data_wait_s``
+    against the step's wall time), tiny and ViT-B config, 1 worker on the CPU. Target: <= 3%.
 
     python bench/train.py [--quick] [--reps 3]
     python bench/train.py --crops [--dino-recipe] [--reps 3]
     python bench/train.py --gpu [--batch 64] [--steps 20]
     python bench/train.py --cpu-step [--batch 4] [--steps 3]
+    python bench/train.py --data-wait [--batch 4] [--steps 3]
 
 Wall time on a shared machine also counts other people's work, so (b) also reports CPU seconds per step: of
 this process for the bare loop, of the Ray Train worker process for Ray (sampled from /proc while it runs).
@@ -65,7 +68,7 @@ from ingest.samples import make_sample_corpus
 from ingest.schema import modality_normalization, read_manifest
 from mermed.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCrop
 from mermed.config import DINO_AUGMENTATION, CropsConfig, PretrainConfig
-from mermed.data import BalancedBatches, decode_batch, shard_uris, split_counts
+from mermed.data import DECODE_COLUMNS, BalancedBatches, decode_batch, shard_uris, split_counts
 from mermed.train import batch_step, build_train_state
 from pipelines.pretrain import run_pretrain
 
@@ -118,7 +121,7 @@ def decoded(shards: str, size: int, splits: tuple[str, ...] | None) -> dict[str,
         for uri in shard_uris([shards], modality):
             fs, path = storage.filesystem(uri)
             with fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh, columns=["image", "modality", "channels", "split"]))
+                tables.append(pq.read_table(fh, columns=DECODE_COLUMNS))
         rows = {
             k: np.concatenate([t.column(k).to_numpy(zero_copy_only=False) for t in tables])
             for k in tables[0].column_names
@@ -329,6 +332,7 @@ def ray_loop(cfg: PretrainConfig, shards: str, work: Path, name: str, first: int
     client = mlflow.MlflowClient(result.tracking_uri)
     stamps = {m.step: m.timestamp / 1000 for m in client.get_metric_history(result.mlflow_run_id, "loss")}
     rates = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "images_per_s")}
+    waits = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "data_wait_s")}
     last = cfg.run.steps
     if first not in stamps or last not in stamps:
         raise RuntimeError(f"steps {first} and {last} were not logged (log_every={cfg.run.log_every})")
@@ -337,6 +341,7 @@ def ray_loop(cfg: PretrainConfig, shards: str, work: Path, name: str, first: int
         "wall": (stamps[last] - stamps[first]) / steps,
         "step": statistics.median(cfg.optim.batch_size_per_worker / rates[s] for s in rates if first < s <= last),
         "cpu": cpu.between(stamps[first], stamps[last]) / steps,
+        "wait": statistics.fmean(waits[s] for s in waits if first < s <= last),  # over the logged steps
         "niceness": float("nan") if cpu.niceness is None else cpu.niceness,
     }
 
@@ -380,6 +385,24 @@ def bench_steps(shards: str, work: Path, quick: bool, reps: int) -> tuple[Pretra
             flush=True,
         )
     return cfg, out
+
+
+def bench_data_wait(shards: str, work: Path, batch: int | None, steps: int) -> None:
+    """(e): each config's Ray Train loop, every step logged; the tiny one after (b)'s warm-up, ViT-B after 2."""
+    rows = {m: n for m, s in split_counts([shards]).items() if (n := sum(s.get(k, 0) for k in TRAIN_SPLITS))}
+    for config in (TINY, VITB):
+        sized = {"optim.batch_size_per_worker": batch} if batch and config == VITB else {}  # tiny: its own 16
+        first = warmup_steps(load_config(PretrainConfig, config, sized), rows) if config == TINY else 2
+        total = first + (40 if config == TINY else steps)
+        overrides = {"run.steps": total, "run.checkpoint_every": total, "run.log_every": 1}
+        cfg = load_config(PretrainConfig, config, overrides | sized)
+        r = ray_loop(cfg, shards, work, f"wait-{config.stem}", first)
+        print(
+            f"(e) {config.stem}: {cfg.model.name}, batch {cfg.optim.batch_size_per_worker}, steps {first + 1}-{total}: "
+            f"waited {r['wait'] * 1e3:.1f} ms for data per {r['wall'] * 1e3:.0f} ms step, {r['wait'] / r['wall']:.2%} "
+            f"(target <= 3%); load {loadavg()}",
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ (c) GPU
@@ -504,8 +527,9 @@ def main() -> None:
     parser.add_argument("--dino-recipe", action="store_true", help="(a) with DINO's augmentation over the views")
     parser.add_argument("--gpu", action="store_true", help="only (c): ViT-B/16 images/s and MFU on one CUDA GPU")
     parser.add_argument("--cpu-step", action="store_true", help="only (d): tiny and ViT-B steps per CPU core")
-    parser.add_argument("--batch", type=int, help="(c, d) images per step (default: the config's)")
-    parser.add_argument("--steps", type=int, default=20, help="(c, d) timed steps")
+    parser.add_argument("--data-wait", action="store_true", help="only (e): share of a Ray step waiting for data")
+    parser.add_argument("--batch", type=int, help="(c, d; e for ViT-B) images per step (default: the config's)")
+    parser.add_argument("--steps", type=int, default=20, help="(c, d) timed steps; (e) ViT-B's")
     parser.add_argument("--peak-tflops", type=float, help="(c) the GPU's dense bf16 peak, if not in the table")
     args = parser.parse_args()
     if args.gpu:
@@ -529,6 +553,9 @@ def main() -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         shards = make_shards(work, image_size=crops.decode_size)
+        if args.data_wait:
+            bench_data_wait(shards, work, args.batch, args.steps)
+            return
 
         pixels = np.concatenate([d["pixels"] for d in decoded(shards, crops.decode_size, None).values()])
         images = pixels[np.arange(32 if not args.quick else 16) % len(pixels)]

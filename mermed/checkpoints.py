@@ -12,7 +12,9 @@ import posixpath
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file
+import numpy as np
+import torch
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from ingest import storage
@@ -24,6 +26,30 @@ log = logging.getLogger("mermed.checkpoints")
 
 CHECKPOINT_DIR = "state"  # inside each Ray Train checkpoint folder
 ENCODER_FILE = "encoder.safetensors"
+SERVED_FILE = "served.safetensors"  # in CHECKPOINT_DIR: the rows each worker had served of its newest passes
+
+
+def save_served(served: list[dict[str, tuple[int, np.ndarray]]], state_dir: Path) -> None:
+    """Every worker's ``BalancedBatches.served()`` (in rank order) beside the state: what a run without
+    ``run.deterministic_data`` resumes its interrupted passes from."""
+    tensors = {f"keys/{m}/{r}": torch.from_numpy(keys) for r, per in enumerate(served) for m, (_, keys) in per.items()}
+    tensors |= {f"pass/{m}": torch.tensor(epoch) for m, (epoch, _) in served[0].items()}
+    save_file(tensors, str(Path(state_dir) / SERVED_FILE))
+
+
+def load_served(fs, checkpoint: str) -> dict[str, tuple[int, list[np.ndarray]]]:
+    """``save_served``'s record as {modality: (pass, keys served per rank)}; empty for a checkpoint without one."""
+    try:
+        with fs.open(posixpath.join(checkpoint, CHECKPOINT_DIR, SERVED_FILE), "rb") as fh:
+            tensors = load(fh.read())
+    except FileNotFoundError:
+        return {}
+    out: dict[str, tuple[int, list[np.ndarray]]] = {}
+    for name in sorted(k for k in tensors if k.startswith("pass/")):
+        m = name.split("/", 1)[1]
+        ranks = sorted(int(k.rsplit("/", 1)[1]) for k in tensors if k.startswith(f"keys/{m}/"))
+        out[m] = (int(tensors[name]), [tensors[f"keys/{m}/{r}"].numpy() for r in ranks])
+    return out
 
 
 def checkpoint_candidates(run_uri: str, latest: str | None = None) -> list[str]:

@@ -155,6 +155,9 @@ class RunConfig(StrictModel):
     keep_checkpoints: int = Field(default=3, ge=1)  # older ones are the fallback for a corrupt latest one
     # Keep Ray Data's row order (slower): a resumed run then draws exactly the batches of an uninterrupted one.
     deterministic_data: bool = False
+    # A directory where each worker appends the key of every row it trains on (step, modality, pass, key; a file
+    # per worker process): an audit of what a run saw. None = no log.
+    row_log_dir: str | None = None
     # torch.compile the student's and the teacher's backbones, in place (checkpoint keys do not change), one static
     # graph per crop resolution; the first steps pay the compilation (bench/train.py reports it).
     compile: bool = False

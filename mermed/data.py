@@ -123,9 +123,17 @@ def decode_letterbox(data: bytes, size: int) -> tuple[np.ndarray, np.ndarray]:
     return out, np.array([x0, y0, x0 + nw, y0 + nh], np.int32)
 
 
+DECODE_COLUMNS = ["image", "modality", "channels", "split", "pixel_sha256"]
+
+
+def row_keys(pixel_sha256: Sequence[str]) -> np.ndarray:
+    """A row's identity in a training stream: the first 64 bits of its pixel hash (ingest keeps one row per hash)."""
+    return np.array([int(h[:16], 16) for h in pixel_sha256], dtype=np.uint64).view(np.int64)
+
+
 def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` step: encoded rows to letterboxed uint8 pixels with their valid boxes, plus the
-    modality and grayscale flag."""
+    modality, the grayscale flag and the row's key."""
     decoded = [decode_letterbox(b, size) for b in batch["image"]]
     modality = np.asarray(batch["modality"]).astype(str)
     return {
@@ -133,7 +141,56 @@ def decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarra
         "valid": np.stack([v for _, v in decoded]) if decoded else np.zeros((0, 4), np.int32),
         "modality": modality,
         "grayscale": np.isin(modality, list(GRAYSCALE_MODALITIES)) | (np.asarray(batch["channels"]) == 1),
+        "row_key": row_keys(batch["pixel_sha256"]),
     }
+
+
+def rest_of_pass(
+    data: Sequence[str],
+    modality: str,
+    splits: Sequence[str],
+    size: int,
+    consumed: np.ndarray,
+    share: tuple[int, int] | None,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """The rows of ``modality`` a pass had not yet served when it was cut off (all but the ``consumed`` keys),
+    decoded and in a seeded order. ``share`` (rank, world) takes one worker's equal part of a modality split
+    between workers (sorted keys dealt round-robin, the last ``len % world`` dropped, as Ray's equal split drops
+    them); None keeps them all (a modality every worker reads whole).
+
+    A run without ``run.deterministic_data`` resumes with these: its streams cannot replay the interrupted pass's
+    order, but every worker can finish the pass on exactly the rows it had left."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    tables = []
+    for uri in shard_uris(data, modality):
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=["pixel_sha256", "split"]))
+    keys = pa.concat_tables(tables)
+    keys = keys.filter(pc.is_in(keys["split"], pa.array(list(splits))))["pixel_sha256"].to_pylist()
+    rest = np.setdiff1d(row_keys(keys), consumed)  # sorted
+    if share is not None:
+        rank, world = share
+        rest = rest[: len(rest) // world * world][rank::world]
+    wanted = set(rest.tolist())
+    parts = []
+    for uri in shard_uris(data, modality):
+        fs, path = storage.filesystem(uri)
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh, columns=DECODE_COLUMNS)
+        mask = np.isin(row_keys(table["pixel_sha256"].to_pylist()), list(wanted))
+        if mask.any():
+            parts.append(decode_batch(table.filter(pa.array(mask)).to_pydict(), size))
+    if not parts:
+        return {}
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    _, first = np.unique(rows["row_key"], return_index=True)  # one row per key, as every worker counts them
+    order = first[np.random.default_rng(seed).permutation(len(first))]
+    return {k: v[order] for k, v in rows.items()}
 
 
 def decoded_dataset(
@@ -151,7 +208,7 @@ def decoded_dataset(
         data,
         splits=splits,
         modality=modality,
-        columns=["image", "modality", "channels", "split"],
+        columns=DECODE_COLUMNS,
         shuffle_seed=shuffle_seed,
         reshuffle=reshuffle,
     )
@@ -170,6 +227,9 @@ def _rows(batch: Mapping[str, np.ndarray]) -> int:
     return len(next(iter(batch.values()), []))
 
 
+PASS = "pass"  # each row's pass, in the batches a stream serves
+
+
 class _Stream:
     """Rows of one modality, drawn ``n`` at a time; a new pass starts whenever the data runs out.
 
@@ -179,7 +239,9 @@ class _Stream:
     serves what was read, then streams on, pass ``e`` being ``make_iter(e)`` (shuffled by the source).
 
     The rows served are one fixed sequence, so ``fast_forward`` can continue it exactly where a previous process
-    stopped (given a source that repeats its passes).
+    stopped (given a source that repeats its passes). Where the source does not repeat its passes, the stream
+    records the keys of the rows it served from its newest pass (``served``), and a resumed stream serves what that
+    pass had left (``resume_pass``) before its source's next pass.
     """
 
     def __init__(
@@ -194,11 +256,15 @@ class _Stream:
         self.rows_this_pass = 0
         self.pending: list[dict[str, np.ndarray]] = []
         self.pending_rows = 0
+        self.served_pass = 0  # the newest pass rows were served from, and the keys of its rows served
+        self.served_keys: list[np.ndarray] = []
+        self.rest: dict[str, np.ndarray] | None = None  # the rest of an interrupted pass, served first
 
     def _start(self) -> None:
-        """Read pass 0 as far as the cache goes: all of it is the cache, else it is the first rows to serve."""
+        """Read pass 0 (after a resumed pass, the next) as far as the cache goes: all of it is the cache, else it
+        is the first rows to serve."""
         self.started = True
-        self.it = iter(self.make_iter(0))
+        self.it = iter(self.make_iter(self.epoch))
         head: list[dict[str, np.ndarray]] = []
         size = 0
         for batch in self.it:
@@ -213,10 +279,11 @@ class _Stream:
         self.cached = {k: np.concatenate([b[k] for b in head]) for k in head[0]}
         self.it = None
 
-    def _queue(self, batches: list[dict[str, np.ndarray]]) -> None:
+    def _queue(self, batches: list[dict[str, np.ndarray]], epoch: int | None = None) -> None:
         for batch in batches:
             if _rows(batch):
-                self.pending.append(batch)
+                tag = np.full(_rows(batch), self.epoch if epoch is None else epoch, np.int64)
+                self.pending.append({**batch, PASS: tag})
                 self.pending_rows += _rows(batch)
 
     def _pull(self) -> None:
@@ -253,15 +320,36 @@ class _Stream:
         if within:
             self.take(within)
 
+    def resume_pass(self, epoch: int, rest: dict[str, np.ndarray], served: np.ndarray) -> None:
+        """Serve ``rest``, the rows pass ``epoch`` had left when it was cut off after serving ``served``, then go
+        on with pass ``epoch + 1`` of the source."""
+        self.rest, self.served_pass, self.served_keys = rest, epoch, [served]
+        self.epoch = self.next_permutation = epoch + 1
+
     def take(self, n: int) -> dict[str, np.ndarray]:
-        if not self.started:
+        if self.rest is not None:
+            self._queue([self.rest], epoch=self.served_pass)
+            self.rest = None
+        if not self.started and self.pending_rows < n:
             self._start()
         while self.pending_rows < n:
             self._pull()
         merged = {k: np.concatenate([b[k] for b in self.pending]) for k in self.pending[0]}
         self.pending_rows -= n
         self.pending = [{k: v[n:] for k, v in merged.items()}] if self.pending_rows else []
-        return {k: v[:n] for k, v in merged.items()}
+        out = {k: v[:n] for k, v in merged.items()}
+        passes = out[PASS]
+        if "row_key" in out and n:  # a bare loop's arrays have no keys: nothing to resume from
+            newest = int(passes.max())
+            if newest != self.served_pass:
+                self.served_pass, self.served_keys = newest, []
+            self.served_keys.append(out["row_key"][passes == newest])
+        return out
+
+    def served(self) -> tuple[int, np.ndarray]:
+        """The newest pass rows were served from, and the keys served of it so far."""
+        keys = np.concatenate(self.served_keys) if self.served_keys else np.zeros(0, np.int64)
+        return self.served_pass, keys
 
 
 class BalancedBatches:
@@ -328,6 +416,15 @@ class BalancedBatches:
     def epochs(self) -> dict[str, int]:
         """The pass of each modality's newest rows (0 during the first)."""
         return {m: s.epoch for m, s in self.streams.items()}
+
+    def served(self) -> dict[str, tuple[int, np.ndarray]]:
+        """Per modality: the newest pass served from and the keys of its rows served so far (for a checkpoint)."""
+        return {m: s.served() for m, s in self.streams.items()}
+
+    def resume_passes(self, passes: Mapping[str, tuple[int, dict[str, np.ndarray], np.ndarray]]) -> None:
+        """Per modality (pass, its rows left, its keys served before): each stream finishes that pass first."""
+        for m, (epoch, rest, served) in passes.items():
+            self.streams[m].resume_pass(epoch, rest, served)
 
 
 class Prefetcher(Generic[T]):

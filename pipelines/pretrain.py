@@ -33,9 +33,16 @@ from ingest import storage
 from ingest.schema import modality_normalization, read_manifest
 from mermed import tracking
 from mermed.augment import MultiCrop
-from mermed.checkpoints import CHECKPOINT_DIR, export_teacher, restore_newest, teacher_backbone
+from mermed.checkpoints import (
+    CHECKPOINT_DIR,
+    export_teacher,
+    load_served,
+    restore_newest,
+    save_served,
+    teacher_backbone,
+)
 from mermed.config import PretrainConfig
-from mermed.data import BalancedBatches, Prefetcher, decoded_dataset, pass_seed, split_counts
+from mermed.data import PASS, BalancedBatches, Prefetcher, decoded_dataset, pass_seed, rest_of_pass, split_counts
 from mermed.embedding_map import embedding_report, sample_rows
 from mermed.monitor import KnnMonitor, KnnSettings, check_tasks, initial_backbone, load_tasks
 from mermed.probe.config import ProbeTasksFile
@@ -127,6 +134,10 @@ def train_loop_per_worker(config: dict) -> None:
         )
         for m in modalities
     }
+    row_log = None
+    if cfg.run.row_log_dir:  # an audit of what trained each step; the process id tells attempts apart
+        Path(cfg.run.row_log_dir).mkdir(parents=True, exist_ok=True)
+        row_log = open(Path(cfg.run.row_log_dir) / f"rank{rank}-{os.getpid()}.tsv", "a")  # noqa: SIM115 - whole run
     batches = BalancedBatches(
         streams,
         cfg.optim.batch_size_per_worker,
@@ -138,24 +149,32 @@ def train_loop_per_worker(config: dict) -> None:
     crops = MultiCrop.from_config(cfg.crops)
     # Rank 0 logs through a background sender: a tracking server that goes away does not stop training.
     tracker = tracking.RunLogger(config["tracking_uri"], config["mlflow_run_id"], cfg.tracking) if rank == 0 else None
-    if restored:
-        # Same rows as an uninterrupted run would draw next (the same rows exactly under run.deterministic_data).
+    if restored and cfg.run.deterministic_data:  # the same rows, in the same order, as an uninterrupted run
         batches.fast_forward(state.step, config["pass_rows"])
-        if tracker is not None:  # a restart (worker failure or re-run) shows in MLflow
-            tracker.log({"resumed_at_step": state.step}, state.step)
+    elif restored:  # the rows each interrupted pass had left, then the next passes
+        batches.resume_passes(_rest_of_passes(restored, config, cfg, rank, world))
+    if restored and tracker is not None:  # a restart (worker failure or re-run) shows in MLflow
+        tracker.log({"resumed_at_step": state.step}, state.step)
 
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    # The batch after a checkpoint is drawn once the checkpoint has recorded the rows served before it.
+    saved = threading.Condition()
+    saved_step = [state.step]
 
-    def load(step: int) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, int], dict[str, int]]:
-        """The batch of ``step`` as tensors, its modalities, its rows per modality and each modality's pass. On a
-        GPU the batch is page-locked and copied to the device on a side stream, while the current step runs."""
+    def load(step: int) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, int], dict[str, int], dict]:
+        """The batch of ``step`` as tensors, its modalities, its rows per modality, each modality's pass and its
+        rows' keys and passes. On a GPU the batch is page-locked and copied to the device on a side stream, while
+        the current step runs."""
+        if step % cfg.run.checkpoint_every == 0:
+            with saved:
+                saved.wait_for(lambda: saved_step[0] >= step)
         batch, counts = batches.next(step)
         tensors = {k: torch.from_numpy(batch[k]) for k in ("pixels", "grayscale", "valid")}
         if copy_stream is not None:
             with torch.cuda.stream(copy_stream):
                 tensors = {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
             copy_stream.synchronize()  # in this thread: the training stream then finds the batch on the device
-        return tensors, batch["modality"], counts, batches.epochs()
+        return tensors, batch["modality"], counts, batches.epochs(), {k: batch[k] for k in ("row_key", PASS)}
 
     # The next batch is assembled while a step runs; it fetches exactly the loop's steps, so its thread ends with it.
     prefetch = Prefetcher(load, state.step, cfg.run.steps)
@@ -169,7 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     while state.step < cfg.run.steps:
         started = time.perf_counter()
-        tensors, modality, counts, epochs = prefetch.get(state.step)
+        tensors, modality, counts, epochs, rows = prefetch.get(state.step)
         if copy_stream is not None:  # the caching allocator must not hand these to the side stream while in use
             for tensor in tensors.values():
                 tensor.record_stream(torch.cuda.current_stream(device))
@@ -193,18 +212,55 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update({f"epoch_{m}": float(e) for m, e in epochs.items()})
         if tracker is not None and logged:
             tracker.log(metrics, step)
+        if row_log is not None:
+            logged_rows = zip(modality, rows[PASS], rows["row_key"], strict=True)
+            row_log.writelines(f"{step}\t{m}\t{e}\t{k}\n" for m, e, k in logged_rows)
+            row_log.flush()
         if checkpointed:
+            served = _gather(batches.served(), world)  # every worker's keys of its newest passes, on rank 0
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint = None
                 if rank == 0:
                     save_checkpoint(state, Path(tmp) / CHECKPOINT_DIR)
+                    save_served(served, Path(tmp) / CHECKPOINT_DIR)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 # Ray Train hears of checkpoints only (it prints every report); the metrics go to MLflow above.
                 ray.train.report({"step": step, "loss": metrics["loss"]}, checkpoint=checkpoint)
+            with saved:
+                saved_step[0] = step
+                saved.notify()
             if monitor is not None:  # after the checkpoint is safe; the other ranks wait in their next step
                 tracker.log(monitor(state.teacher.backbone), step)
     if tracker is not None:
         tracker.close()
+    if row_log is not None:
+        row_log.close()
+
+
+def _gather(served: dict, world: int) -> list[dict]:
+    """Every worker's ``BalancedBatches.served()``, in rank order (a collective: all workers call it)."""
+    if world == 1:
+        return [served]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, served)
+    return out
+
+
+def _rest_of_passes(checkpoint: str, config: dict, cfg: PretrainConfig, rank: int, world: int) -> dict:
+    """Per modality, the pass a resumed run was in, the rows that pass had left for this worker, and the keys it
+    had served (``BalancedBatches.resume_passes``), from the checkpoint's record of every worker's served rows."""
+    served = load_served(storage.filesystem(config["run_uri"])[0], checkpoint)
+    if not served:
+        log.warning("checkpoint %s records no served rows: its passes start again", posixpath.basename(checkpoint))
+    passes = {}
+    for m, (epoch, by_rank) in served.items():
+        split = m in config["split_modalities"]
+        consumed = np.concatenate(by_rank) if split else by_rank[rank]
+        seed = pass_seed(cfg.run.seed, rank, m, epoch, "rest")
+        share = (rank, world) if split else None
+        rest = rest_of_pass(config["data"], m, config["splits"], cfg.crops.decode_size, consumed, share, seed)
+        passes[m] = (epoch, rest, consumed)
+    return passes
 
 
 # ----------------------------------------------------------------------------------------------- the driver
@@ -350,6 +406,9 @@ def run_pretrain(
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
             "pass_rows": pass_rows,
+            "data": list(data),
+            "splits": splits,
+            "split_modalities": [m for m in modalities if _dataset_name(m) in split],
             "normalization": normalization,
             "monitor": {
                 "tasks": [t.model_dump(mode="json") for t in monitor_tasks],

@@ -211,11 +211,15 @@ def test_letterbox_keeps_the_whole_wide_image_with_its_valid_box():
 
 def test_decode_batch_returns_a_valid_column():
     images = [_png(np.zeros((10, 40, 3), np.uint8)), _png(np.zeros((40, 40), np.uint8))]
-    out = decode_batch({"image": images, "modality": np.array(["DERM", "OCT"]), "channels": np.array([3, 1])}, 20)
+    hashes = np.array(["00000000000000ff" + "0" * 48, "ffffffffffffffff" + "a" * 48])
+    batch = {"image": images, "modality": np.array(["DERM", "OCT"]), "channels": np.array([3, 1])}
+    batch["pixel_sha256"] = hashes
+    out = decode_batch(batch, 20)
     assert out["pixels"].shape == (2, 20, 20, 3) and out["valid"].dtype == np.int32
     assert out["valid"].tolist() == [[0, 7, 20, 12], [0, 0, 20, 20]]
     assert out["grayscale"].tolist() == [False, True]
-    empty = decode_batch({"image": [], "modality": np.array([]), "channels": np.array([])}, 20)
+    assert out["row_key"].tolist() == [255, -1]  # the hash's first 64 bits, as int64
+    empty = decode_batch({"image": [], "modality": np.array([]), "channels": np.array([]), "pixel_sha256": []}, 20)
     assert empty["pixels"].shape == (0, 20, 20, 3) and empty["valid"].shape == (0, 4)
 
 

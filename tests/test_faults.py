@@ -49,7 +49,7 @@ from ingest.config import IngestConfig
 from ingest.pipeline import MANIFEST, QUARANTINE, IngestError, ShardWriter, run_ingest
 from ingest.samples import make_sample_corpus
 from mermed.config import PretrainConfig
-from mermed.data import BalancedBatches
+from mermed.data import BalancedBatches, split_counts
 from pipelines.pretrain import run_pretrain
 
 pytestmark = pytest.mark.faults
@@ -313,6 +313,41 @@ def _logged_steps(run_dir: Path, key: str) -> list[int]:
 
 
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["streamed", "cached"])
+@pytest.mark.parametrize("stop", [4, 9, 17])
+def test_a_resumed_pass_of_a_source_that_does_not_repeat_serves_each_row_once(cache_bytes, stop):
+    """Without deterministic data a new process's source gives its passes in another order; a stream resumed from
+    what it had ``served()`` serves the rest of the interrupted pass (``resume_pass``), then whole passes: every
+    row of every pass once, none twice, and the pass ends where the uninterrupted one would have."""
+    n = 11
+    keys = np.arange(n, dtype=np.int64) * 7 + 1
+
+    def source(salt: int) -> Callable[[int], Iterator[dict[str, np.ndarray]]]:
+        def passes(epoch: int) -> Iterator[dict[str, np.ndarray]]:
+            order = np.random.default_rng([salt, epoch]).permutation(n)  # another order in every process
+            for i in range(0, n, 4):
+                yield {"row_key": keys[order[i : i + 4]]}
+
+        return passes
+
+    def batches(salt: int) -> BalancedBatches:
+        return BalancedBatches({"A": source(salt)}, 3, cache_bytes=cache_bytes, seed=salt)
+
+    first = batches(0)
+    trained = [first.next(t)[0] for t in range(stop)]
+    epoch, served = first.served()["A"]
+    rest = {"row_key": np.setdiff1d(keys, served)}
+    resumed = batches(1)
+    resumed.resume_passes({"A": (epoch, rest, served)})
+    trained += [resumed.next(t)[0] for t in range(stop, 40)]
+    rows = np.concatenate([b["row_key"] for b in trained])
+    passes = np.concatenate([b["pass"] for b in trained])
+    assert np.array_equal(passes, np.repeat(np.arange(len(rows) // n + 1), n)[: len(rows)]), "passes end on time"
+    for p in range(passes.max()):  # every complete pass: each row once
+        assert sorted(rows[passes == p]) == sorted(keys), p
+    assert len(set(rows[passes == passes.max()])) == (passes == passes.max()).sum()
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["streamed", "cached"])
 def test_balanced_batches_fast_forward_continues_the_same_sequence(cache_bytes):
     """A resumed worker draws exactly the rows an uninterrupted one would, whether passes are re-streamed or
     served from the cache, across pass boundaries and with the extras rotating over two workers."""
@@ -340,6 +375,21 @@ def test_balanced_batches_fast_forward_continues_the_same_sequence(cache_bytes):
             assert all(np.array_equal(got[k], expected[t][k]) for k in got), (start, t)
 
 
+def _four_outputs(tmp_path: Path) -> list[str]:
+    """Four ingest outputs of 6 random DERM and 6 OCT images each: several blocks for Ray's split to deal out."""
+    rng = np.random.default_rng(5)
+    data = []
+    for k in range(4):
+        for m in ("derm", "oct"):
+            (tmp_path / f"raw{k}" / m).mkdir(parents=True)
+            for i in range(6):
+                pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+                tifffile.imwrite(tmp_path / f"raw{k}" / m / f"{i}.tif", pixels)
+        data.append(str(tmp_path / f"shards{k}"))
+        run_ingest([str(tmp_path / f"raw{k}" / m) for m in ("derm", "oct")], data[-1], IngestConfig(), key=KEY)
+    return data
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_killed_train_worker_resumes_exactly(shards, tmp_path, workers, monkeypatch):
     """Seeded data order: a run whose worker (one of two) is SIGKILLed after its first checkpoint restores it and
@@ -349,18 +399,9 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path, workers, monkeypa
     import pipelines.pretrain
 
     data = [shards]
-    if workers > 1:  # four ingest outputs of ~20 rows per modality: several blocks for the split to deal out
+    if workers > 1:
         monkeypatch.setattr(pipelines.pretrain, "SPLIT_MIN_ROWS_PER_WORKER", 2)
-        rng = np.random.default_rng(5)
-        data = []
-        for k in range(4):
-            for m in ("derm", "oct"):
-                (tmp_path / f"raw{k}" / m).mkdir(parents=True)
-                for i in range(6):
-                    pixels = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
-                    tifffile.imwrite(tmp_path / f"raw{k}" / m / f"{i}.tif", pixels)
-            data.append(str(tmp_path / f"shards{k}"))
-            run_ingest([str(tmp_path / f"raw{k}" / m) for m in ("derm", "oct")], data[-1], IngestConfig(), key=KEY)
+        data = _four_outputs(tmp_path)
     cfg = pipeline_config(**({"data.stream_cache_mb": 0} if workers > 1 else {}))
     storage = tmp_path / "runs"
     run_pretrain(cfg, data, str(storage), "clean", workers=workers, max_failures=0)
@@ -392,6 +433,44 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path, workers, monkeypa
             continue  # never seeded, never drawn from in a step: each process starts them at random
         # bit-identical on CPU; without the exact resume the memory and centre differ by >1e-3, weights by ~1e-5
         assert torch.allclose(value.double(), resumed[key].double(), rtol=0, atol=1e-6), key
+
+
+@pytest.mark.parametrize("cache_mb", [0, 256], ids=["streamed", "cached"])
+def test_killed_worker_of_a_nondeterministic_run_neither_repeats_nor_skips_rows(
+    fresh_ray, tmp_path, cache_mb, monkeypatch
+):
+    """Without run.deterministic_data a 2-worker run whose worker is SIGKILLed after a checkpoint resumes each
+    interrupted pass on the rows it had left: by the rows' keys that every worker logged (``run.row_log_dir``), each
+    pass of each modality trains every row once (but the split's remainder, which Ray's equal split drops) and
+    none twice, before and after the restart, whether passes are streamed or cached."""
+    import pipelines.pretrain
+
+    monkeypatch.setattr(pipelines.pretrain, "SPLIT_MIN_ROWS_PER_WORKER", 2)
+    data = _four_outputs(tmp_path)
+    rows_log = tmp_path / "rows"
+    cfg = pipeline_config(
+        **{"run.deterministic_data": False, "run.steps": 8, "data.stream_cache_mb": cache_mb},
+        **{"run.row_log_dir": str(rows_log), "run.embedding_sample": 0},
+    )
+    storage = tmp_path / "runs"
+    with killing("ray::RayTrainWorker", checkpoint_registered(str(storage / "nd"))) as killed:
+        result = run_pretrain(cfg, data, str(storage), "nd", workers=2, max_failures=1)
+    assert killed and result.steps == cfg.run.steps
+    (resumed_at,) = _logged_steps(storage / "nd", "resumed_at_step")
+    trained: dict[tuple[str, int], list[int]] = {}
+    for path in rows_log.glob("*.tsv"):
+        lines = [line.split("\t") for line in path.read_text().splitlines()]
+        before = int(lines[0][0]) == 1  # the killed attempt's files start at step 1, the resumed one's after
+        for step, modality, epoch, key in lines:
+            if (int(step) <= resumed_at) == before:  # steps the killed attempt did after its checkpoint: redone
+                trained.setdefault((modality, int(epoch)), []).append(int(key))
+    counts = split_counts(data)
+    for (modality, epoch), keys in trained.items():
+        assert len(keys) == len(set(keys)), f"{modality} pass {epoch}: a row trained twice"
+        n = sum(counts[modality].get(s, 0) for s in ("train", "val"))
+        if (modality, epoch + 1) in trained:  # a complete pass
+            assert n - len(keys) <= n % 2, f"{modality} pass {epoch}: {n - len(keys)} rows skipped"
+    assert {m for m, e in trained if e >= 1} == {"DERM", "OCT"}, "a pass boundary crossed in every modality"
 
 
 def test_checkpoint_store_stopped_mid_run_stops_clearly_and_rerun_resumes(shards, tmp_path, restart_ray):
