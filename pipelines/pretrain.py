@@ -254,12 +254,12 @@ def _rest_of_passes(checkpoint: str, config: dict, cfg: PretrainConfig, rank: in
         log.warning("checkpoint %s records no served rows: its passes start again", posixpath.basename(checkpoint))
     passes = {}
     for m, (epoch, by_rank) in served.items():
-        split = m in config["split_modalities"]
+        split = m in config["split_modalities"]  # then the pass is the workers' rows together
         consumed = np.concatenate(by_rank) if split else by_rank[rank]
         seed = pass_seed(cfg.run.seed, rank, m, epoch, "rest")
         share = (rank, world) if split else None
         rest = rest_of_pass(config["data"], m, config["splits"], cfg.crops.decode_size, consumed, share, seed)
-        passes[m] = (epoch, rest, consumed)
+        passes[m] = (epoch, rest, by_rank[rank])  # the next checkpoint's record: all ranks' together, again
     return passes
 
 
