@@ -435,21 +435,19 @@ def test_killed_train_worker_resumes_exactly(shards, tmp_path, workers, monkeypa
         assert torch.allclose(value.double(), resumed[key].double(), rtol=0, atol=1e-6), key
 
 
-@pytest.mark.parametrize("cache_mb", [0, 256], ids=["streamed", "cached"])
-def test_killed_worker_of_a_nondeterministic_run_neither_repeats_nor_skips_rows(
-    fresh_ray, tmp_path, cache_mb, monkeypatch
-):
+def test_killed_worker_of_a_nondeterministic_run_neither_repeats_nor_skips_rows(fresh_ray, tmp_path, monkeypatch):
     """Without run.deterministic_data a 2-worker run whose worker is SIGKILLed after a checkpoint resumes each
     interrupted pass on the rows it had left: by the rows' keys that every worker logged (``run.row_log_dir``), each
     pass of each modality trains every row once (but the split's remainder, which Ray's equal split drops) and
-    none twice, before and after the restart, whether passes are streamed or cached."""
+    none twice, before and after the restart. Passes are streamed, through Ray's split on every pass (the cached
+    form's resume is checked without Ray, above)."""
     import pipelines.pretrain
 
     monkeypatch.setattr(pipelines.pretrain, "SPLIT_MIN_ROWS_PER_WORKER", 2)
     data = _four_outputs(tmp_path)
     rows_log = tmp_path / "rows"
     cfg = pipeline_config(
-        **{"run.deterministic_data": False, "run.steps": 8, "data.stream_cache_mb": cache_mb},
+        **{"run.deterministic_data": False, "run.steps": 8, "data.stream_cache_mb": 0},
         **{"run.row_log_dir": str(rows_log), "run.embedding_sample": 0},
     )
     storage = tmp_path / "runs"
