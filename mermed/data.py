@@ -165,24 +165,22 @@ def rest_of_pass(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    tables = []
-    for uri in shard_uris(data, modality):
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as fh:
-            tables.append(pq.read_table(fh, columns=["pixel_sha256", "split"]))
-    keys = pa.concat_tables(tables)
-    keys = keys.filter(pc.is_in(keys["split"], pa.array(list(splits))))["pixel_sha256"].to_pylist()
-    rest = np.setdiff1d(row_keys(keys), consumed)  # sorted
+    def tables(columns: list[str]) -> Iterator[pa.Table]:
+        """The modality's shards, one at a time, with their rows of ``splits``."""
+        for uri in shard_uris(data, modality):
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh, columns=columns)
+            yield table.filter(pc.is_in(table["split"], pa.array(list(splits))))
+
+    keys = np.concatenate([row_keys(t["pixel_sha256"].to_pylist()) for t in tables(["pixel_sha256", "split"])])
+    rest = np.setdiff1d(keys, consumed)  # sorted
     if share is not None:
         rank, world = share
         rest = rest[: len(rest) // world * world][rank::world]
-    wanted = set(rest.tolist())
     parts = []
-    for uri in shard_uris(data, modality):
-        fs, path = storage.filesystem(uri)
-        with fs.open(path, "rb") as fh:
-            table = pq.read_table(fh, columns=DECODE_COLUMNS)
-        mask = np.isin(row_keys(table["pixel_sha256"].to_pylist()), list(wanted))
+    for table in tables(DECODE_COLUMNS):  # read again, images now: only this worker's rows are kept decoded
+        mask = np.isin(row_keys(table["pixel_sha256"].to_pylist()), rest)
         if mask.any():
             parts.append(decode_batch(table.filter(pa.array(mask)).to_pydict(), size))
     if not parts:
