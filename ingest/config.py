@@ -42,7 +42,8 @@ class DicomConfig(StrictModel):
         Window(center=40, width=400),
         Window(center=400, width=1800),
     )
-    frame_stride: int = Field(default=1, ge=1)  # keep every n-th frame of multi-frame objects
+    # Keep every n-th frame of multi-frame objects, and every n-th B-scan of vendor OCT volumes (``vendor_oct``).
+    frame_stride: int = Field(default=1, ge=1)
     # Keep PatientSex and PatientAge binned to decades as row attributes (subgroup metrics). Off by default:
     # they are quasi-identifiers, to be kept only where the data's governance allows it.
     demographics: bool = False
@@ -57,6 +58,17 @@ class WsiConfig(StrictModel):
     thumbnail_size: int = Field(default=1024, ge=64)
     seed: int = 0
     assumed_mpp: float = Field(default=0.5, gt=0)  # for slides that do not record their resolution
+
+
+class VendorOctConfig(StrictModel):
+    """Vendor OCT files read through oct-converter (``ingest.vendor_oct``)."""
+
+    # Zeiss Cirrus .img files are raw volumes without a header: the B-scan is zeiss_depth x A-scans, the A-scans
+    # read from the export's name ("Macular Cube 512x128" has 512) unless set here.
+    zeiss_depth: int = Field(default=1024, ge=1)
+    zeiss_ascans: int | None = Field(default=None, ge=1)
+    # A file whose reading takes longer is quarantined: a damaged file can send a parser round a loop for ever.
+    max_seconds: float = Field(default=600.0, gt=0)
 
 
 class ImageConfig(StrictModel):
@@ -86,6 +98,7 @@ class IngestConfig(StrictModel):
     dicom: DicomConfig = DicomConfig()
     wsi: WsiConfig = WsiConfig()
     image: ImageConfig = ImageConfig()
+    vendor_oct: VendorOctConfig = VendorOctConfig()
 
     @model_validator(mode="after")
     def _fractions(self) -> IngestConfig:
@@ -142,6 +155,7 @@ __all__ = [
     "ImageConfig",
     "IngestConfig",
     "StrictModel",
+    "VendorOctConfig",
     "Window",
     "WsiConfig",
     "load_config",

@@ -47,6 +47,12 @@ def scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def percentile_window(values: np.ndarray) -> tuple[float, float]:
+    """The 0.5/99.5 percentile window deeper greyscale is stored under: a few hot or dead pixels do not set it."""
+    lo, hi = np.percentile(require_finite(values), [0.5, 99.5])
+    return float(lo), float(hi)
+
+
 def flatten_alpha(img: PILImage.Image) -> PILImage.Image:
     """Composite an image with transparency on white: transparent pixels often hold arbitrary colours."""
     grey = img.mode in ("LA", "La")
@@ -67,9 +73,8 @@ def to_uint8_pixels(img: PILImage.Image) -> np.ndarray:
     if img.mode == "1":
         return np.asarray(img.convert("L"))
     if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float greyscale
-        values = require_finite(np.asarray(img))
-        lo, hi = np.percentile(values, [0.5, 99.5])
-        return scale_to_uint8(values, float(lo), float(hi))
+        values = np.asarray(img)
+        return scale_to_uint8(values, *percentile_window(values))
     return np.asarray(img.convert("RGB"))
 
 
@@ -128,6 +133,7 @@ read = per_file(read_one)
 __all__ = [
     "crop_fundus",
     "flatten_alpha",
+    "percentile_window",
     "read",
     "read_one",
     "require_finite",

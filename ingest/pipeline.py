@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ingest import dicom, image, npz, storage, wsi
+from ingest import dicom, image, npz, storage, vendor_oct, wsi
 from ingest.config import IngestConfig
 from ingest.deid import Pseudonymizer, load_key, scrub_message
 from ingest.labels import LabelRow, parse_labels, patient_split
@@ -79,6 +79,8 @@ SLIDE_EXTENSIONS = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".
 TIFF_EXTENSIONS = {".tif", ".tiff"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
 NPZ_EXTENSIONS = {".npz"}
+# Kinds of file that say what modality each of their images is: a modality need not be configured for them.
+SELF_DESCRIBING = {"dicom", "vendor_oct"}
 UNITS_PER_BLOCK = 256
 _ERROR_COLUMNS = ("_status", "_input", "_stage", "_error_class", "_message")
 
@@ -94,7 +96,7 @@ class InputFile:
     index: int
     uri: str
     rel: str
-    kind: str  # dicom | slide | tiff | image | npz | unsupported | outside_root
+    kind: str  # dicom | slide | tiff | image | npz | vendor_oct | unsupported | outside_root
     modality: str | None
     label: LabelRow | None = None
 
@@ -120,6 +122,8 @@ def _kind_of(rel: str) -> str:
         return "image"
     if ext in NPZ_EXTENSIONS:
         return "npz"
+    if ext in vendor_oct.EXTENSIONS:
+        return "vendor_oct"
     if ext in DICOM_EXTENSIONS:
         return "dicom"
     return "unsupported"
@@ -217,6 +221,8 @@ def _reader_for(kind: str, local_path: str, modality: str | None):
         return image.read
     if kind == "npz":
         return npz.read
+    if kind == "vendor_oct":
+        return vendor_oct.read
     raise AssertionError(kind)
 
 
@@ -233,7 +239,7 @@ READ_SCHEMA = pa.schema(
     ]
 )
 _NOT_READ = {
-    "unsupported": ("UnsupportedFormat", "file type not supported (expected DICOM, slide, image or npz)"),
+    "unsupported": ("UnsupportedFormat", "file type not supported (expected DICOM, slide, image, npz or vendor OCT)"),
     "outside_root": ("PathOutsideRoot", "path leads outside the input root (symlink or ..); refused"),
 }
 
@@ -299,10 +305,12 @@ def _row(f: InputFile, img: Image, ctx: ReadContext) -> dict:
 
 
 def _fetch(f: InputFile, ctx: ReadContext, tmp: str, n: int) -> str:
-    """A local path for the file: itself, or a temporary copy of an object-store input."""
+    """A local path for the file: itself, or a temporary copy of an object-store input under its own name (some
+    formats keep facts in it: a Zeiss OCT export its scan pattern)."""
     if not storage.is_remote(f.uri):
         return f.uri
-    local = os.path.join(tmp, f"{n}{posixpath.splitext(f.rel)[1]}")
+    local = os.path.join(tmp, str(n), posixpath.basename(f.rel))
+    os.makedirs(os.path.dirname(local))
     ctx.fs.get(storage.filesystem(f.uri)[1], local)
     return local
 
@@ -321,7 +329,7 @@ def read_unit(unit: Unit, ctx: ReadContext) -> list[dict]:
         for f in unit.files:
             if f.kind in _NOT_READ:
                 out.append(_failure(f, ctx, "discover", *_NOT_READ[f.kind]))
-            elif f.modality is None and unit.kind != "dicom":
+            elif f.modality is None and unit.kind not in SELF_DESCRIBING:
                 out.append(
                     _failure(
                         f,

@@ -89,10 +89,15 @@ _DICOM_DIRS = ("ct", "cxr", "us")
 # eye clinic (OP fundus photos, OPT OCT volumes) and dermatology (XC photos) store them.
 _SOMETIMES_DICOM = {"cfp": "OP", "oct": "OPT", "derm": "XC"}
 _SOMETIMES_DICOM_AT = 1  # the sample index modulo _PHI_NAME_EVERY written as DICOM
+_TOPCON_AT = 2  # ... and the OCT sample index written as a Topcon .fds file (B-scans and a fundus photo)
 
 
 def _as_dicom(folder: str, index: int) -> bool:
     return folder in _DICOM_DIRS or (folder in _SOMETIMES_DICOM and index % _PHI_NAME_EVERY == _SOMETIMES_DICOM_AT)
+
+
+def _as_topcon(folder: str, index: int) -> bool:
+    return folder == "oct" and index % _PHI_NAME_EVERY == _TOPCON_AT
 
 
 @dataclass
@@ -636,6 +641,73 @@ def write_pyramidal_tiff(
     return path
 
 
+def _fds_chunk(name: str, data: bytes) -> bytes:
+    return bytes([len(name)]) + name.encode() + np.uint32(len(data)).tobytes() + data
+
+
+def write_topcon_fds(
+    path: Path,
+    bscans: np.ndarray,
+    fundus_rgb: np.ndarray | None = None,
+    *,
+    patient_id: str,
+    name: tuple[str, str],
+    birth_date: tuple[int, int, int],
+    captured: tuple[int, int, int, int, int, int],
+    eye: int = 0,
+) -> Path:
+    """Write a Topcon .fds OCT file: the FOCT header and the chunks a Topcon export has for one 3-D scan (the
+    uint16 B-scans, scan geometry, capture info with date and eye, patient info with name and birth date, and an
+    optional fundus photo), laid out by oct-converter's own structure definitions of the format (after uocte's
+    description). ``bscans`` is (N, H, W) uint16; ``name`` is (first, last)."""
+    from oct_converter.readers.binary_structs import fds_binary
+
+    bscans = np.asarray(bscans)
+    if bscans.dtype != np.uint16 or bscans.ndim != 3:
+        raise ValueError(f"need uint16 (N, H, W) B-scans, got {bscans.dtype} {bscans.shape}")
+    n, height, width = bscans.shape
+
+    def record(struct, **values) -> bytes:  # a zeroed record with ``values`` filled in
+        fields = struct.parse(bytes(struct.sizeof()))
+        fields.update(values)
+        return struct.build(fields)
+
+    volume = bscans.transpose(2, 1, 0).ravel(order="F").astype("<u2").tobytes()  # the reader's (W, H, N), Fortran
+    geometry = dict(width=width, height=height, bits_per_pixel=16, number_slices=n, size=len(volume))
+    patient = dict(patient_id=patient_id, first_name=name[0], last_name=name[1], sex=2, birth_date=list(birth_date))
+    spacing = dict(x_dimension_mm=6.0, y_dimension_mm=6.0, z_resolution_um=2.6)
+    chunks = [
+        _fds_chunk("@IMG_SCAN_03", record(fds_binary.oct_header, scan_mode=2, **geometry) + volume),
+        _fds_chunk("@PARAM_SCAN_04", record(fds_binary.param_scan_04_header, **spacing)),
+        _fds_chunk("@CAPTURE_INFO_02", record(fds_binary.capture_info_02_header, eye=eye, cap_date=list(captured))),
+        _fds_chunk("@PATIENT_INFO_02", record(fds_binary.patient_info_02_header, **patient)),
+    ]
+    if fundus_rgb is not None:
+        fundus_rgb = np.asarray(fundus_rgb, dtype=np.uint8)
+        photo = fundus_rgb[:, :, ::-1].transpose(2, 1, 0).ravel(order="F").tobytes()  # BGR planes, Fortran
+        header = record(fds_binary.fundus_header, width=fundus_rgb.shape[1], height=fundus_rgb.shape[0],
+                        bits_per_pixel=24, number_slices=1, size=len(photo))  # fmt: skip
+        chunks.append(_fds_chunk("@IMG_OBS", header + photo))
+    head = fds_binary.header.build({"file_code": "FOCT", "file_type": "FDA", "major_ver": 3, "minor_ver": 1000})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(head + b"".join(chunks) + b"\0")
+    return path
+
+
+def write_zeiss_img(path: Path, bscans: np.ndarray) -> Path:
+    """Write a Zeiss Cirrus .img volume: headerless uint8 samples, depth fastest, then A-scans, then B-scans (how
+    Cirrus exports a cube). ``bscans`` is (N, depth, A-scans); the file name should carry the scan pattern
+    (``..._Macular Cube 512x128_...``), as an export's does, for the reader to know the A-scans."""
+    bscans = np.asarray(bscans)
+    if bscans.dtype != np.uint8 or bscans.ndim != 3:
+        raise ValueError(f"need uint8 (N, depth, A-scans) B-scans, got {bscans.dtype} {bscans.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bscans.transpose(1, 2, 0).ravel(order="F").tobytes())
+    return path
+
+
 def copy_pydicom_testdata(dest: Path, modalities: Iterable[str] = ("CT", "CR", "DX", "US")) -> list[Path]:
     """Copy pydicom's real test files of ``modalities`` that hold pixel data the installed decoders can decode
     (first frame decoded to be sure) into ``dest/<Modality>/``; real vendors' files exercise what we do not draw."""
@@ -714,8 +786,10 @@ def make_sample_corpus(
 
     Layout: ``ct/<series>/slice_XXX.dcm``, ``cxr/<id>.dcm`` (CR/DX), ``us/<id>.dcm`` (RGB; one cine loop per
     class), ``path/<id>.tiff`` (pyramidal, ``slide_size`` square), ``cfp/<id>.png``, ``oct/<id>.png``,
-    ``derm/<id>.jpg``; one sample in four is named after its patient (PHI in the path). ``per_class`` samples
-    per class and modality (a sample is one CT series of ``ct_slices`` files, one slide, or one image). Patients
+    ``derm/<id>.jpg``, with one eye and skin sample in four as DICOM and one OCT sample in four as a Topcon
+    ``.fds`` (three B-scans and a fundus photo); one sample in four is named after its patient (PHI in the
+    path). ``per_class`` samples per class and modality (a sample is one CT series of ``ct_slices`` files, one
+    slide, or one image file). Patients
     own several samples across modalities, so a patient-level split matters; the split column is left empty for
     the pipeline to fill. labels.csv has one row per file (path relative to root, label "0"/"1", split, raw MRN).
     """
@@ -748,6 +822,9 @@ def make_sample_corpus(
                 phi["AcquisitionDateTime"] = f"2024{mrng.integers(1, 13):02d}{mrng.integers(1, 29):02d}093015"
             if _as_dicom(folder, i):
                 phi_strings.update({*phi.values(), *phi["PatientName"].split("^")[:2]})
+            elif _as_topcon(folder, i):  # what a Topcon file records: ID, names, birth date, scan time
+                keys = ("PatientBirthDate", "AcquisitionDateTime")
+                phi_strings.update({*(phi[k] for k in keys), *phi["PatientName"].split("^")[:2]})
             cine = i == int(np.argmax(labels == label))  # the first ultrasound of each class is a cine loop
             # Each sample draws from its own generator, so samples can be written in parallel, deterministically.
             jobs.append(functools.partial(
@@ -806,6 +883,16 @@ def _write_sample(
         return [write_dicom_image(out / f"{stem}.dcm", frames if cine else frames[0], modality="US", **ident)]
     if folder == "path":
         return [write_pyramidal_tiff(out / f"{stem}.tiff", _he_slide(rng, slide_size, positive))]
+    if _as_topcon(folder, index):  # a volume of three B-scans in 16 bits, the fundus photo the device took with it
+        bscans = np.stack([_oct_bscan(rng, size, positive) for _ in range(3)]).astype(np.uint16) * 257
+        when = phi["AcquisitionDateTime"]
+        birth = phi["PatientBirthDate"]
+        last, first = phi["PatientName"].split("^")[:2]
+        return [write_topcon_fds(
+            out / f"{stem}.fds", bscans, _fundus(rng, size, positive), patient_id=mrn, name=(first, last),
+            birth_date=(int(birth[:4]), int(birth[4:6]), int(birth[6:8])),
+            captured=(int(when[:4]), *(int(when[k : k + 2]) for k in range(4, 14, 2))), eye=index % 2,
+        )]  # fmt: skip
     if _as_dicom(folder, index):
         code = _SOMETIMES_DICOM[folder]
         if code == "OPT":  # a volume of three B-scans of the same eye

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import signal
+import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -224,3 +225,11 @@ def bright_dark_patients(n_train: int = 16, n_val: int = 6, n_test: int = 8) -> 
     cohort["anon-test"] = ("test", ["1", "0"])  # no patient id: grouped by source
     cohort["pretrain-only"] = ("train", [None] * 6)
     return cohort
+
+
+def e2e_directory_loop() -> bytes:
+    """A Heidelberg .e2e whose main directory names itself as the previous one: a reader that walks the chain
+    (oct-converter's E2E) would walk it for ever."""
+    header = b"CMDb".ljust(12, b"\0") + struct.pack("<I", 100) + bytes(20)
+    directory = b"MDbMDir".ljust(12, b"\0") + struct.pack("<I", 100) + bytes(20)
+    return header + directory + struct.pack("<IIII", 0, len(header), len(header), 0)  # entries, current, prev

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from helpers import e2e_directory_loop
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
@@ -32,14 +33,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ingest import dicom, image, npz, storage, wsi
+from ingest import dicom, image, npz, storage, vendor_oct, wsi
 from ingest.config import IngestConfig
 from ingest.deid import Pseudonymizer
 from ingest.pipeline import MANIFEST, QUARANTINE, ReadContext, discover, read_unit, run_ingest
+from ingest.samples import write_topcon_fds
 from ingest.schema import DecodeError, Image, InputError, decode_image
 
 KEY = b"malformed-test-key-0123456789abcdef"
-CFG = IngestConfig(wsi={"thumbnail_size": 256})  # slide thumbnails from level 1, so a level-0 tile can fail alone
+# Slide thumbnails from level 1, so a level-0 tile can fail alone; a vendor OCT parse stopped after 2 s.
+CFG = IngestConfig(wsi={"thumbnail_size": 256}, vendor_oct={"max_seconds": 2})
 OK = "ok"
 ANY = "ok or InputError"  # fuzzed files: whatever they decode to, as long as it is clean
 
@@ -216,6 +219,11 @@ def corpus(tmp_path_factory) -> Corpus:
     np.savez(root / "oct/zero_size.npz", train_images=np.zeros((2, 0, 4), np.uint8), train_labels=np.zeros(2, int))
     np.savez(root / "oct/one_pixel.npz", test_images=np.full((1, 1, 1), 9, np.uint8), test_labels=np.ones(1, int))
 
+    fds = write_topcon_fds(root / "oct/whole.fds", np.ones((2, 8, 8), np.uint16), patient_id="1", name=("A", "B"),
+                           birth_date=(1970, 1, 1), captured=(2024, 1, 1, 0, 0, 0))  # fmt: skip
+    (root / "oct/truncated.fds").write_bytes(fds.read_bytes()[:-40])
+    (root / "oct/directory_loop.e2e").write_bytes(e2e_directory_loop())
+
     PILImage.new("RGB", (1, 1), (200, 10, 10)).save(root / "derm/one_pixel.png")
     PILImage.new("RGB", (1, 1), (10, 200, 10)).save(root / "derm/one_pixel.jpg")
     PILImage.fromarray((np.arange(100_000) % 256).astype(np.uint8)[None, :]).save(root / "derm/wide.png")
@@ -257,6 +265,9 @@ def corpus(tmp_path_factory) -> Corpus:
         "oct/wide.tif": OK,
         "oct/zero_size.npz": "DecodeError",
         "oct/one_pixel.npz": OK,
+        "oct/whole.fds": OK,
+        "oct/truncated.fds": "DecodeError",
+        "oct/directory_loop.e2e": "TimeLimit",
         "derm/one_pixel.png": OK,
         "derm/one_pixel.jpg": OK,
         "derm/wide.png": OK,
@@ -269,6 +280,7 @@ def corpus(tmp_path_factory) -> Corpus:
 
 
 READERS = {".dcm": dicom.read, ".tif": image.read, ".png": image.read, ".jpg": image.read, ".npz": npz.read}
+READERS |= {ext: vendor_oct.read for ext in vendor_oct.EXTENSIONS}
 
 
 def read(corpus: Corpus, rel: str, cfg: IngestConfig = CFG) -> tuple[list[Image], Exception | None]:

@@ -14,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from helpers import e2e_directory_loop
 from PIL import Image as PILImage
 from pydicom.data import data_manager, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -21,8 +22,9 @@ from pydicom.misc import is_dicom
 from pydicom.pixels import pixel_array
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ingest import dicom, image, npz, wsi
+from ingest import dicom, image, npz, vendor_oct, wsi
 from ingest.config import IngestConfig
+from ingest.samples import write_topcon_fds, write_zeiss_img
 from ingest.schema import DecodeError, Image, InputError
 
 PHI = ("Doe^Jane", "19700101", "St Elsewhere")
@@ -587,3 +589,92 @@ def test_tile_grid_counts_match_geometry(tmp_path):
     with openslide.OpenSlide(str(write_slide(tmp_path / "s.tif"))) as slide:
         corners, side, level = wsi.tile_grid(slide, wsi_cfg(min_tissue=0.0).wsi)
     assert side == 448 and level == 1 and len(corners) == math.floor(SLIDE / 448) ** 2
+
+
+# ------------------------------------------------------------------------------------------------- vendor OCT
+
+TOPCON_PHI = {
+    "patient_id": "MRN4711",
+    "name": ("Jane", "Doe"),
+    "birth_date": (1970, 1, 1),
+    "captured": (2024, 5, 6, 9, 30, 15),
+}
+
+
+def _no_phi_fields(img: Image) -> None:
+    values = [str(getattr(img, f.name)) for f in dataclasses.fields(img) if f.name not in ("pixels", "patient_key")]
+    for planted in ("Jane", "Doe", "1970", "2024", "OD", "OS"):
+        assert not any(planted in v for v in values), planted
+
+
+def test_topcon_fds_gives_a_row_per_kept_bscan_and_its_fundus_photo(tmp_path):
+    """B-scans windowed over the whole volume (Topcon stores 16 bits), frame_stride honoured, the patient ID as
+    the key, the fundus photo inside the file as a CFP image; names, birth date, scan date and eye never leave."""
+    rng = np.random.default_rng(0)
+    bscans = rng.integers(0, 40_000, (5, 40, 30), dtype=np.uint16)
+    photo = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    path = write_topcon_fds(tmp_path / "scan.fds", bscans, photo, **TOPCON_PHI)
+    images, errors = run(vendor_oct.read, [str(path)], None, IngestConfig(dicom={"frame_stride": 2}))
+    assert not errors
+    octs = [img for img in images[0] if img.modality == "OCT"]
+    (cfp,) = [img for img in images[0] if img.modality == "CFP"]
+    assert [img.frame for img in octs] == [0, 2, 4]
+    lo, hi = image.percentile_window(bscans[::2])
+    for img, raw in zip(octs, bscans[::2], strict=True):
+        np.testing.assert_array_equal(img.pixels, image.scale_to_uint8(raw, lo, hi))
+    np.testing.assert_array_equal(cfp.pixels, photo)  # bright everywhere: the fundus crop keeps it whole
+    assert {img.patient_key for img in images[0]} == {"MRN4711"}
+    for img in images[0]:
+        _no_phi_fields(img)
+
+
+def test_zeiss_img_reads_by_the_scan_pattern_in_its_name(tmp_path):
+    rng = np.random.default_rng(1)
+    bscans = rng.integers(0, 256, (4, 1024, 30), dtype=np.uint8)
+    named = write_zeiss_img(tmp_path / "P1234_Macular Cube 30x4_05-06-2024_09-30-15_OD_sn99_cube_z.img", bscans)
+    unnamed = write_zeiss_img(tmp_path / "volume.img", bscans)
+    short = tmp_path / "cut_Macular Cube 30x4_.img"
+    short.write_bytes(named.read_bytes()[:-7])
+    images, errors = run(vendor_oct.read, [str(named), str(unnamed), str(short)], None, IngestConfig())
+    assert [img.frame for img in images[0]] == [0, 1, 2, 3] and {img.modality for img in images[0]} == {"OCT"}
+    for img, raw in zip(images[0], bscans, strict=True):
+        np.testing.assert_array_equal(img.pixels, raw)  # 8-bit samples are stored as they are
+        _no_phi_fields(img)
+    assert {img.patient_key for img in images[0]} == {"P1234"}
+    assert set(errors) == {1, 2} and "vendor_oct.zeiss_ascans" in str(errors[1])
+    assert "whole number" in str(errors[2])
+    images, errors = run(vendor_oct.read, [str(unnamed)], None, IngestConfig(vendor_oct={"zeiss_ascans": 30}))
+    assert not errors and len(images[0]) == 4
+
+
+def test_vendor_oct_files_that_cannot_be_read_fail_cleanly(tmp_path):
+    """No writer exists for Heidelberg .e2e, Topcon .fda or Bioptigen .oct: damaged and foreign files of those
+    types (and a truncated .fds) each give one clean error without the file's name, never a crash."""
+    good = write_topcon_fds(tmp_path / "good.fds", np.ones((2, 8, 8), np.uint16), **TOPCON_PHI)
+    files = {
+        "truncated_Doe.fds": good.read_bytes()[:60],
+        "empty_Doe.e2e": b"",
+        "foreign_Doe.e2e": b"E2EMultipleVolumeFile" + bytes(300),
+        "foreign_Doe.fda": b"FOCTFDA" + bytes(8) + b"\x05@JUNK" + bytes(3),
+        "foreign_Doe.oct": bytes(100),
+        "png_Doe.oct": b"\x89PNG\r\n\x1a\n" + bytes(64),
+    }
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    images, errors = run(vendor_oct.read, paths, None, IngestConfig())
+    assert not images and set(errors) == set(range(len(paths)))
+    for path, err in zip(paths, errors.values(), strict=True):
+        assert isinstance(err, InputError)
+        assert_no_path(err, path)
+        assert "Doe" not in str(err)
+
+
+def test_a_parser_sent_round_a_loop_by_a_damaged_file_is_stopped(tmp_path):
+    """An .e2e whose directory chain points back at itself would keep oct-converter's reader walking it for ever:
+    reading stops after vendor_oct.max_seconds with a clean error."""
+    path = tmp_path / "loop.e2e"
+    path.write_bytes(e2e_directory_loop())
+    images, errors = run(vendor_oct.read, [str(path)], None, IngestConfig(vendor_oct={"max_seconds": 1}))
+    assert not images and isinstance(errors[0], vendor_oct.TimeLimit)

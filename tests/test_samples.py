@@ -12,6 +12,7 @@ import numpy as np
 import openslide
 import pydicom
 import pytest
+from oct_converter.readers import FDS
 from PIL import Image as PILImage
 from pydicom.pixels import apply_modality_lut, pixel_array
 from sklearn.linear_model import LogisticRegression
@@ -57,7 +58,7 @@ def _files(root: Path) -> list[Path]:
 
 def _load(path: Path) -> np.ndarray:
     """Pixels as a viewer shows them, float (H, W, C) in [0, 1]: CT windowed from HU, MONOCHROME1 inverted, the
-    first frame of a cine loop, a slide's smallest level."""
+    first frame of a cine loop or OCT volume, a slide's smallest level."""
     if path.suffix == ".dcm":
         ds = pydicom.dcmread(path)
         arr = ds.pixel_array
@@ -72,6 +73,8 @@ def _load(path: Path) -> np.ndarray:
         with openslide.OpenSlide(path) as slide:
             top = slide.level_count - 1
             img = np.asarray(slide.read_region((0, 0), top, slide.level_dimensions[top]).convert("RGB")) / 255.0
+    elif path.suffix == ".fds":  # a Topcon volume: its first B-scan
+        img = FDS(path).read_oct_volume().volume[0] / 65535.0
     else:
         img = np.asarray(PILImage.open(path)) / 255.0
     return img[..., None] if img.ndim == 2 else img
@@ -231,6 +234,10 @@ def test_phi_strings_cover_headers_and_file_names(corpus, rows):
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         planted |= {str(ds[t].value) for t in PHI_TAGS if t in ds} | {ds.PatientID}
         planted |= {str(ds.AcquisitionDateTime)} if "AcquisitionDateTime" in ds else set()
+    for f in corpus.root.rglob("*.fds"):
+        volume = FDS(f).read_oct_volume()
+        planted |= {volume.patient_id, volume.first_name, volume.surname, f"{volume.DOB:%Y%m%d}"}
+        planted.add(f"{volume.acquisition_date:%Y%m%d%H%M%S}")
     assert planted <= phi
     named = [r["path"] for r in rows if any(s in r["path"] for s in planted if s.startswith("MRN-"))]
     assert {p.split("/")[0] for p in named} == set(MODALITY_DIRS), "every modality has file names carrying PHI"
