@@ -18,6 +18,7 @@ import io
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +45,10 @@ class TimeLimit(DecodeError):
 
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise TimeLimit in this thread after ``seconds`` (a no-op off the main thread, where signals cannot go)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Raise TimeLimit in this thread after ``seconds``, putting back a caller's own alarm (pytest-timeout's, say)
+    afterwards. A no-op off the main thread, where signals cannot go, and under a caller's alarm that comes first."""
+    pending = signal.getitimer(signal.ITIMER_REAL)
+    if threading.current_thread() is not threading.main_thread() or 0 < pending[0] <= seconds:
         yield
         return
 
@@ -53,12 +56,16 @@ def _time_limit(seconds: float) -> Iterator[None]:
         raise TimeLimit(f"reading took longer than vendor_oct.max_seconds={seconds:g}; the file may be damaged")
 
     previous = signal.signal(signal.SIGALRM, expire)
+    started = time.monotonic()
     signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # again every second, should a parser swallow it
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if pending[0]:
+            left = max(pending[0] - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, pending[1])
 
 
 def _zeiss_ascans(path: str, cfg: IngestConfig) -> int:

@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import json
 import math
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -676,5 +677,10 @@ def test_a_parser_sent_round_a_loop_by_a_damaged_file_is_stopped(tmp_path):
     reading stops after vendor_oct.max_seconds with a clean error."""
     path = tmp_path / "loop.e2e"
     path.write_bytes(e2e_directory_loop())
-    images, errors = run(vendor_oct.read, [str(path)], None, IngestConfig(vendor_oct={"max_seconds": 1}))
+    outer = signal.setitimer(signal.ITIMER_REAL, 300)  # a caller's own alarm (pytest-timeout's) ...
+    try:
+        images, errors = run(vendor_oct.read, [str(path)], None, IngestConfig(vendor_oct={"max_seconds": 1}))
+        assert 200 < signal.getitimer(signal.ITIMER_REAL)[0] < 300  # ... is put back
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, *outer)
     assert not images and isinstance(errors[0], vendor_oct.TimeLimit)
