@@ -49,6 +49,10 @@ class DicomConfig(StrictModel):
     demographics: bool = False
     max_frames: int = Field(default=10_000, ge=1)
 
+    def kept_frames(self, n_frames: int) -> range:
+        """The frames of an ``n_frames`` object (a DICOM multi-frame, a vendor OCT volume) that become rows."""
+        return range(0, n_frames, self.frame_stride)[: self.max_frames]
+
 
 class WsiConfig(StrictModel):
     target_mpp: float = Field(default=0.5, gt=0)  # micrometres per pixel of the stored tiles

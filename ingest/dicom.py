@@ -273,7 +273,7 @@ def _images(path: str, header: Dataset, frame: int | None, modality: str | None,
     )
     try:
         n_frames = get_nr_frames(ds, warn=False)
-        indices = range(0, n_frames, cfg.dicom.frame_stride)[: cfg.dicom.max_frames]
+        indices = cfg.dicom.kept_frames(n_frames)
         declared = int(ds.Rows) * int(ds.Columns) * len(indices)
     except (AttributeError, TypeError, ValueError) as err:
         raise DecodeError(

@@ -1,4 +1,4 @@
-"""Vendor OCT files through oct-converter: Topcon .fds/.fda, Heidelberg .e2e, Zeiss Cirrus .img, Bioptigen .oct.
+"""Vendor OCT files through oct-converter: Topcon .fds/.fda, Heidelberg .e2e, Zeiss Cirrus .img.
 
 Clinics export OCT in their device's own format more often than as DICOM. Each kept B-scan of each volume becomes
 an OCT image (``frame`` its index in the volume, ``dicom.frame_stride`` and ``dicom.max_frames`` as for a DICOM
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ingest.config import IngestConfig
-from ingest.image import crop_fundus, percentile_window, scale_to_uint8
+from ingest.image import crop_fundus, percentile_window, require_finite, scale_to_uint8
 from ingest.schema import DecodeError, Image, InputError, per_file
 
 EXTENSIONS = {
@@ -82,7 +82,7 @@ def _zeiss_ascans(path: str, cfg: IngestConfig) -> int:
 
 def _open(path: str, cfg: IngestConfig) -> tuple[list, list[np.ndarray]]:
     """The file's OCT volumes (oct-converter's OCTVolumeWithMetaData) and fundus photos."""
-    from oct_converter.readers import BOCT, E2E, FDA, FDS, IMG
+    from oct_converter.readers import E2E, FDA, FDS, IMG
 
     suffix = Path(path).suffix.lower()
     if suffix == ".fds":
@@ -102,16 +102,7 @@ def _open(path: str, cfg: IngestConfig) -> tuple[list, list[np.ndarray]]:
         if size == 0 or size % (depth * ascans):
             raise InputError(f"a Zeiss .img of {size} bytes is not a whole number of {depth} x {ascans} B-scans")
         return [IMG(path).read_oct_volume(rows=depth, cols=ascans)], []
-    if suffix == ".oct":
-        volumes = BOCT(path).read_oct_volume()
-        for volume in volumes:
-            volume.patient_id = None  # the reader's stand-in is the file's name, not an ID
-        return volumes, []
     raise AssertionError(suffix)
-
-
-def _kept(bscans: list, cfg: IngestConfig) -> list[int]:
-    return list(range(0, len(bscans), cfg.dicom.frame_stride))[: cfg.dicom.max_frames]
 
 
 def _grey(bscans: list[np.ndarray]) -> list[np.ndarray]:
@@ -129,10 +120,9 @@ def _photo(values: np.ndarray) -> np.ndarray:
         values = values[:, :, 0]
     if values.dtype == np.uint8:
         return values
-    lo, hi = percentile_window(values)
-    if lo >= 0 and float(values.max()) <= 255:
+    if float(require_finite(values).min()) >= 0 and float(values.max()) <= 255:
         return np.rint(values).astype(np.uint8)
-    return scale_to_uint8(values, lo, hi)
+    return scale_to_uint8(values, *percentile_window(values))
 
 
 def read_one(path: str, modality: str | None, cfg: IngestConfig) -> Iterator[Image]:
@@ -152,7 +142,7 @@ def read_one(path: str, modality: str | None, cfg: IngestConfig) -> Iterator[Ima
     images = []
     for volume in volumes:
         bscans = [np.asarray(b) for b in volume.volume]
-        kept = _kept(bscans, cfg)
+        kept = cfg.dicom.kept_frames(len(bscans))
         if not kept:
             continue
         patient = volume.patient_id

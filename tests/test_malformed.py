@@ -375,6 +375,20 @@ def test_slide_with_cut_or_corrupt_tiles(corpus):
     assert {r["_status"] for r in rows["good.tif"]} == {"ok"}
 
 
+def test_vendor_oct_files_need_no_configured_modality(corpus, tmp_path):
+    """A Topcon export in a folder that names no modality: the file says what its images are (B-scans, fundus
+    photo), where a photo beside it, which says nothing, is refused for want of a modality."""
+    export = tmp_path / "export_2024"
+    export.mkdir()
+    (export / "scan.fds").write_bytes((corpus.root / "oct/whole.fds").read_bytes())
+    PILImage.new("L", (4, 4), 90).save(export / "photo.png")
+    _, units, _ = discover([str(export)], CFG, {}, set())
+    ctx = ReadContext(CFG, Pseudonymizer(KEY), storage.filesystem(str(export))[0])
+    rows = {u.files[0].rel: read_unit(u, ctx) for u in units}
+    assert [(r["_status"], r["modality"], r["frame"]) for r in rows["scan.fds"]] == [("ok", "OCT", 0), ("ok", "OCT", 1)]
+    assert [(r["_status"], r["_error_class"]) for r in rows["photo.png"]] == [("failed", "UnknownModality")]
+
+
 def test_photometric_interpretation_contradicting_samples_is_refused(corpus):
     assert_fails(corpus, "ct/rgb_on_one_sample.dcm", DecodeError, "RGB needs 3 samples", "says 1")
     assert_fails(corpus, "us/mono_on_three_samples.dcm", DecodeError, "MONOCHROME2 needs 1 sample", "says 3")

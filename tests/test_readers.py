@@ -649,16 +649,15 @@ def test_zeiss_img_reads_by_the_scan_pattern_in_its_name(tmp_path):
 
 
 def test_vendor_oct_files_that_cannot_be_read_fail_cleanly(tmp_path):
-    """No writer exists for Heidelberg .e2e, Topcon .fda or Bioptigen .oct: damaged and foreign files of those
-    types (and a truncated .fds) each give one clean error without the file's name, never a crash."""
+    """No writer exists for Heidelberg .e2e or Topcon .fda: damaged and foreign files of those types (and a
+    truncated .fds) each give one clean error without the file's name, never a crash."""
     good = write_topcon_fds(tmp_path / "good.fds", np.ones((2, 8, 8), np.uint16), **TOPCON_PHI)
     files = {
         "truncated_Doe.fds": good.read_bytes()[:60],
         "empty_Doe.e2e": b"",
         "foreign_Doe.e2e": b"E2EMultipleVolumeFile" + bytes(300),
         "foreign_Doe.fda": b"FOCTFDA" + bytes(8) + b"\x05@JUNK" + bytes(3),
-        "foreign_Doe.oct": bytes(100),
-        "png_Doe.oct": b"\x89PNG\r\n\x1a\n" + bytes(64),
+        "png_Doe.e2e": b"\x89PNG\r\n\x1a\n" + bytes(64),
     }
     paths = []
     for name, data in files.items():
