@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,9 @@ from ingest.config import IngestConfig
 from ingest.image import crop_fundus, percentile_window, require_finite, scale_to_uint8
 from ingest.schema import DecodeError, Image, InputError, per_file
 
-EXTENSIONS = {
-    ".fds": "Topcon FDS",
-    ".fda": "Topcon FDA",
-    ".e2e": "Heidelberg E2E",
-    ".img": "Zeiss IMG",
-    ".oct": "Bioptigen OCT",
-}
+# Not Bioptigen .oct: oct-converter's reader pads a short B-scan by repeating its bytes and keeps going after a read
+# error, so a damaged file would be stored as plausible garbage.
+EXTENSIONS = {".fds": "Topcon FDS", ".fda": "Topcon FDA", ".e2e": "Heidelberg E2E", ".img": "Zeiss IMG"}
 # A Cirrus export names its scan pattern: "Macular Cube 512x128" is 128 B-scans of 512 A-scans.
 _ZEISS_PATTERN = re.compile(r"(\d+)x(\d+)")
 
@@ -43,23 +40,34 @@ class TimeLimit(DecodeError):
     """Reading a file took longer than ``vendor_oct.max_seconds``."""
 
 
+@dataclass
+class _Deadline:
+    seconds: float
+    passed: bool = False  # the alarm went off (a parser may have wrapped our exception in one of its own)
+
+    def error(self) -> TimeLimit:
+        return TimeLimit(f"reading took longer than vendor_oct.max_seconds={self.seconds:g}; the file may be damaged")
+
+
 @contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
+def _time_limit(seconds: float) -> Iterator[_Deadline]:
     """Raise TimeLimit in this thread after ``seconds``, putting back a caller's own alarm (pytest-timeout's, say)
     afterwards. A no-op off the main thread, where signals cannot go, and under a caller's alarm that comes first."""
+    deadline = _Deadline(seconds)
     pending = signal.getitimer(signal.ITIMER_REAL)
     if threading.current_thread() is not threading.main_thread() or 0 < pending[0] <= seconds:
-        yield
+        yield deadline
         return
 
     def expire(signum, frame):
-        raise TimeLimit(f"reading took longer than vendor_oct.max_seconds={seconds:g}; the file may be damaged")
+        deadline.passed = True
+        raise deadline.error()
 
     previous = signal.signal(signal.SIGALRM, expire)
     started = time.monotonic()
     signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)  # again every second, should a parser swallow it
     try:
-        yield
+        yield deadline
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -80,28 +88,27 @@ def _zeiss_ascans(path: str, cfg: IngestConfig) -> int:
     return int(match.group(1))
 
 
-def _open(path: str, cfg: IngestConfig) -> tuple[list, list[np.ndarray]]:
-    """The file's OCT volumes (oct-converter's OCTVolumeWithMetaData) and fundus photos."""
-    from oct_converter.readers import E2E, FDA, FDS, IMG
-
+def _open(readers, path: str, cfg: IngestConfig) -> tuple[list, list[np.ndarray]]:
+    """The file's OCT volumes (oct-converter's OCTVolumeWithMetaData) and fundus photos; ``readers`` is
+    ``oct_converter.readers``."""
     suffix = Path(path).suffix.lower()
     if suffix == ".fds":
-        reader = FDS(path)
+        reader = readers.FDS(path)
         fundus = [reader.read_fundus_image().image] if b"@IMG_OBS" in reader.chunk_dict else []
         return [reader.read_oct_volume()], fundus
     if suffix == ".fda":
-        reader = FDA(path)
+        reader = readers.FDA(path)
         photo = reader.read_fundus_image() if b"@IMG_FUNDUS" in reader.chunk_dict else None
         return [reader.read_oct_volume()], [photo.image] if photo is not None else []
     if suffix == ".e2e":
-        reader = E2E(path)
+        reader = readers.E2E(path)
         return reader.read_oct_volume(), [photo.image for photo in reader.read_fundus_image()]
     if suffix == ".img":
         depth, ascans = cfg.vendor_oct.zeiss_depth, _zeiss_ascans(path, cfg)
         size = Path(path).stat().st_size
         if size == 0 or size % (depth * ascans):
             raise InputError(f"a Zeiss .img of {size} bytes is not a whole number of {depth} x {ascans} B-scans")
-        return [IMG(path).read_oct_volume(rows=depth, cols=ascans)], []
+        return [readers.IMG(path).read_oct_volume(rows=depth, cols=ascans)], []
     raise AssertionError(suffix)
 
 
@@ -127,12 +134,16 @@ def _photo(values: np.ndarray) -> np.ndarray:
 
 def read_one(path: str, modality: str | None, cfg: IngestConfig) -> Iterator[Image]:
     """Yield the B-scans of every volume of a vendor OCT file, then its fundus photos."""
-    with _time_limit(cfg.vendor_oct.max_seconds), contextlib.redirect_stdout(io.StringIO()):
+    from oct_converter import readers  # its first import (OpenCV, matplotlib) takes seconds: not the file's
+
+    with _time_limit(cfg.vendor_oct.max_seconds) as deadline, contextlib.redirect_stdout(io.StringIO()):
         try:
-            volumes, photos = _open(path, cfg)
+            volumes, photos = _open(readers, path, cfg)
         except (InputError, MemoryError):
             raise
         except Exception as err:  # noqa: BLE001 - the parsers' errors (construct, numpy, ValueError) vary by format
+            if deadline.passed:  # construct turns an exception raised inside its parsing into a FormatFieldError
+                raise deadline.error() from None
             name = EXTENSIONS[Path(path).suffix.lower()]
             if "fromstring" in str(err):  # not the file's fault: say what to install
                 raise InputError(

@@ -41,8 +41,8 @@ from ingest.samples import write_topcon_fds
 from ingest.schema import DecodeError, Image, InputError, decode_image
 
 KEY = b"malformed-test-key-0123456789abcdef"
-# Slide thumbnails from level 1, so a level-0 tile can fail alone; a vendor OCT parse stopped after 2 s.
-CFG = IngestConfig(wsi={"thumbnail_size": 256}, vendor_oct={"max_seconds": 2})
+# Slide thumbnails from level 1, so a level-0 tile can fail alone; a vendor OCT parse stopped after 10 s.
+CFG = IngestConfig(wsi={"thumbnail_size": 256}, vendor_oct={"max_seconds": 10})
 OK = "ok"
 ANY = "ok or InputError"  # fuzzed files: whatever they decode to, as long as it is clean
 
@@ -377,16 +377,19 @@ def test_slide_with_cut_or_corrupt_tiles(corpus):
 
 def test_vendor_oct_files_need_no_configured_modality(corpus, tmp_path):
     """A Topcon export in a folder that names no modality: the file says what its images are (B-scans, fundus
-    photo), where a photo beside it, which says nothing, is refused for want of a modality."""
+    photo), where a photo beside it, which says nothing, is refused for want of a modality; Bioptigen files are
+    not read."""
     export = tmp_path / "export_2024"
     export.mkdir()
     (export / "scan.fds").write_bytes((corpus.root / "oct/whole.fds").read_bytes())
     PILImage.new("L", (4, 4), 90).save(export / "photo.png")
+    (export / "bioptigen.oct").write_bytes(bytes(64))  # not read: see ingest.vendor_oct
     _, units, _ = discover([str(export)], CFG, {}, set())
     ctx = ReadContext(CFG, Pseudonymizer(KEY), storage.filesystem(str(export))[0])
     rows = {u.files[0].rel: read_unit(u, ctx) for u in units}
     assert [(r["_status"], r["modality"], r["frame"]) for r in rows["scan.fds"]] == [("ok", "OCT", 0), ("ok", "OCT", 1)]
     assert [(r["_status"], r["_error_class"]) for r in rows["photo.png"]] == [("failed", "UnknownModality")]
+    assert [(r["_status"], r["_error_class"]) for r in rows["bioptigen.oct"]] == [("failed", "UnsupportedFormat")]
 
 
 def test_photometric_interpretation_contradicting_samples_is_refused(corpus):

@@ -683,3 +683,20 @@ def test_a_parser_sent_round_a_loop_by_a_damaged_file_is_stopped(tmp_path):
     finally:
         signal.setitimer(signal.ITIMER_REAL, *outer)
     assert not images and isinstance(errors[0], vendor_oct.TimeLimit)
+
+
+def test_a_time_limit_a_parser_wraps_in_its_own_error_is_still_reported_as_one(tmp_path, monkeypatch):
+    """construct re-raises whatever interrupts its parsing as a FormatFieldError: it is still a time limit."""
+
+    def wrapping_parser(readers, path, cfg):
+        try:
+            while True:
+                struct.unpack("<I", bytes(4))
+        except Exception as err:
+            raise RuntimeError("a format field could not be parsed") from err
+
+    monkeypatch.setattr(vendor_oct, "_open", wrapping_parser)
+    path = tmp_path / "any.e2e"
+    path.write_bytes(bytes(8))
+    _, errors = run(vendor_oct.read, [str(path)], None, IngestConfig(vendor_oct={"max_seconds": 0.5}))
+    assert isinstance(errors[0], vendor_oct.TimeLimit)
