@@ -130,7 +130,8 @@ def test_two_worker_run_trains_scores_and_resumes_after_a_killed_worker(fresh_ra
     assert all(math.isfinite(summary[m]) for m in METRICS)
 
 
-# Eight Ray Train runs, two at a time, each paying Ray Train's start (most of its time): 347-743 s on 2 cores.
+# Eight Ray Train runs, two at a time, each paying Ray Train's start (most of its time): 196 s on 2 quiet cores
+# (337 s before the job encoded each task's sets once for all its runs), 347-743 s on CI before that.
 @pytest.mark.timeout(1200)
 def test_tune_job_of_two_tasks_two_fractions_two_seeds_writes_the_summary(fresh_ray, corpus, tmp_path):
     tasks = _tasks(

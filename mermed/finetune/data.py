@@ -75,13 +75,10 @@ def _encode(
     label: str,
     kind: str,
     classes: list[str],
-    keep: frozenset[str] | None,
     known_only: bool,
     attributes: Sequence[str],
 ) -> dict[str, np.ndarray]:
     batch = batch.filter(labelled_mask(batch[label]))
-    if keep is not None:
-        batch = batch.filter(pa.array([k in keep for k in row_keys(batch)], pa.bool_()))
     labels = [t.strip() for t in pc.cast(batch[label], pa.string()).to_pylist()]
     if known_only and kind != "multilabel":
         batch = batch.filter(pa.array([t in classes for t in labels], pa.bool_()))
@@ -116,21 +113,21 @@ def _decode(batch: dict[str, np.ndarray], *, size: int, letterbox: bool) -> dict
     }
 
 
-def task_dataset(
+def encoded_rows(
     data: TaskData,
     splits: Sequence[str],
     *,
     classes: list[str],
     kind: str,
-    size: int,
-    train: bool,
-    keep: Sequence[str] | None = None,
     known_only: bool = False,
     attributes: Sequence[str] = (),
 ):
-    """The labelled rows of ``splits`` (``keep``: only these keys) as decoded rows: pixels, valid, modality,
-    target, group and key. ``classes`` and ``kind`` are the fine-tuned task's: an external set is encoded with
-    them (``known_only`` drops its rows of other classes). Each of ``attributes`` becomes a column attr_<name>."""
+    """The labelled rows of ``splits``, read, filtered and label-encoded once, still as encoded images, in the
+    object store (spilled if need be): image, modality, target, group, key and attr_<name> per attribute.
+
+    The job builds these once per task and every run of the task (label fractions, seeds, encoders) starts from
+    them, instead of listing and reading the shards again per run and per epoch. ``classes`` and ``kind`` are the
+    fine-tuned task's: an external set is encoded with them (``known_only`` drops its rows of other classes)."""
     task = data.task
     extra = ["attributes"] if attributes else []
     columns = list(dict.fromkeys(["image", "modality", task.label, *META_COLUMNS, *KEY_COLUMNS, *extra]))
@@ -142,15 +139,25 @@ def task_dataset(
             "label": task.label,
             "kind": kind,
             "classes": classes,
-            "keep": None if keep is None else frozenset(keep),
             "known_only": known_only,
             "attributes": list(attributes),
         },
     )
-    # Read, filtered and label-encoded once (encoded images, in the object store, spilled if need be): every epoch
-    # then only decodes, instead of listing and reading the shards again (seconds per pass on small sets).
-    ds = ds.materialize()
+    return ds.materialize()
+
+
+def _keep(batch: dict[str, np.ndarray], *, keys: frozenset[str]) -> dict[str, np.ndarray]:
+    chosen = np.fromiter((k in keys for k in batch["key"]), bool, len(batch["key"]))
+    return {name: column[chosen] for name, column in batch.items()}
+
+
+def decoded_rows(encoded, *, size: int, train: bool, keep: Sequence[str] | None = None):
+    """One run's view of ``encoded_rows``: only the ``keep`` keys (a label subset), decoded on every read
+    (letterboxed for training, the probe's square view for evaluation)."""
+    ds = encoded
+    if keep is not None:
+        ds = ds.map_batches(_keep, batch_format="numpy", fn_kwargs={"keys": frozenset(keep)})
     return ds.map_batches(_decode, batch_format="numpy", fn_kwargs={"size": size, "letterbox": train})
 
 
-__all__ = ["ATTRIBUTE_PREFIX", "external_rows", "row_keys", "task_dataset", "train_subset"]
+__all__ = ["ATTRIBUTE_PREFIX", "decoded_rows", "encoded_rows", "external_rows", "row_keys", "train_subset"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ingest.schema import SPLITS
 from mermed.finetune.config import FinetuneConfig
-from mermed.finetune.data import ATTRIBUTE_PREFIX, external_rows, task_dataset, train_subset
+from mermed.finetune.data import ATTRIBUTE_PREFIX, decoded_rows, encoded_rows, external_rows, train_subset
 from mermed.finetune.report import (
     RESULT_COLUMNS,
     SUBGROUP_COLUMNS,
@@ -126,8 +126,23 @@ class _Shared:
     tasks: dict[str, TaskData]
     external: dict[str, TaskData]
     encoders: dict[str, dict[str, Any]]  # tag -> model_name, img_size, normalization, weights ([object ref])
+    rows: dict[str, dict[str, Any]]  # task -> its train, val, test (and external) sets, as ``encoded_rows``
     storage: str
     use_gpu: bool
+
+
+def _encoded_sets(data: TaskData, external: TaskData | None) -> dict[str, Any]:
+    """A task's evaluation sets and whole training split, encoded once for all of its runs."""
+    common = {"classes": data.classes, "kind": data.task.type}
+    scored = {**common, "attributes": data.task.attributes}  # carried by the scored rows (every evaluation set)
+    sets = {
+        "train": encoded_rows(data, ["train"], **common),
+        "val": encoded_rows(data, ["val"], **scored),
+        "test": encoded_rows(data, ["test"], **scored),
+    }
+    if external is not None:
+        sets["external"] = encoded_rows(external, SPLITS, known_only=True, **scored)
+    return sets
 
 
 def _run_trial(config: dict[str, Any], *, shared: _Shared) -> None:
@@ -142,18 +157,10 @@ def _run_trial(config: dict[str, Any], *, shared: _Shared) -> None:
     data, enc = shared.tasks[config["task"]], shared.encoders[config["encoder"]]
     kind, classes = data.task.type, data.classes
     keep = train_subset(data, config["fraction"], config["seed"])
-    common = {"classes": classes, "kind": kind, "size": enc["img_size"]}
-    attributes = data.task.attributes  # carried by the scored rows (every evaluation set)
     datasets = {
-        "train": task_dataset(data, ["train"], train=True, keep=keep, **common),
-        "val": task_dataset(data, ["val"], train=False, attributes=attributes, **common),
-        "test": task_dataset(data, ["test"], train=False, attributes=attributes, **common),
+        name: decoded_rows(rows, size=enc["img_size"], train=name == "train", keep=keep if name == "train" else None)
+        for name, rows in shared.rows[config["task"]].items()
     }
-    if config["task"] in shared.external:
-        external = shared.external[config["task"]]
-        datasets["external"] = task_dataset(
-            external, SPLITS, train=False, known_only=True, attributes=attributes, **common
-        )
     spec = RunSpec(
         task=config["task"],
         kind=kind,
@@ -167,7 +174,7 @@ def _run_trial(config: dict[str, Any], *, shared: _Shared) -> None:
         train_rows=len(keep) if keep is not None else data.counts["train"],
         base_lr=config.get("base_lr", cfg.train.base_lr),
         layer_decay=config.get("layer_decay", cfg.train.layer_decay),
-        attributes=tuple(attributes),
+        attributes=tuple(data.task.attributes),
     )
     trainer = TorchTrainer(
         finetune_worker,
@@ -355,6 +362,7 @@ def run_finetune_job(inputs: FinetuneInputs, output: str | Path, cfg: FinetuneCo
             }
             for e in inputs.encoders
         },
+        rows={d.task.name: _encoded_sets(d, inputs.external.get(d.task.name)) for d in inputs.tasks},
         storage=str(out / "train"),
         use_gpu=use_gpu,
     )
