@@ -581,13 +581,25 @@ class _TrackingServer:
             self._proc = None
 
 
-def _outage(server: _TrackingServer, ready: Callable[[], bool], times: list[float], seconds: float = 10) -> None:
-    """Once ``ready()``: kill the server, start it again ``seconds`` later; ``times`` gets when it went and came."""
+def _outage(
+    server: _TrackingServer,
+    ready: Callable[[], bool],
+    times: list[float],
+    seconds: float = 10,
+    back: Callable[[], bool] | None = None,
+) -> None:
+    """Once ``ready()``: kill the server, start it again ``seconds`` later (or once ``back()``, within 180 s);
+    ``times`` gets when it went and came."""
     while not ready():
         time.sleep(0.1)
     server.stop()
     times.append(time.time())
-    time.sleep(seconds)
+    if back is None:
+        time.sleep(seconds)
+    else:
+        deadline = time.monotonic() + 180
+        while not back() and time.monotonic() < deadline:
+            time.sleep(0.2)
     server.start()
     times.append(time.time())
 
@@ -601,13 +613,14 @@ def _worker_log_lines(text: str) -> int:
 
 
 def test_tracking_server_that_goes_away_mid_run_loses_no_metric(shards, tmp_path):
-    """A real tracking server is SIGKILLed once the run's first metrics are in and started again 10 s later:
-    training goes on meanwhile, the metrics of those steps arrive once it is back (each step once), the worker
-    warns once that it is away and once that it is back, and the run's encoder and status are recorded."""
+    """A real tracking server is SIGKILLed once the run's first metrics are in, and started again once the run has
+    written two checkpoints meanwhile (not after a fixed time: on a loaded machine seconds can pass without a
+    step). Training goes on meanwhile, the metrics of those steps arrive once it is back (each step once), the
+    worker warns once that it is away and once that it is back, and the run's encoder and status are recorded."""
     server = _TrackingServer(tmp_path)
     server.start()
     cfg = pipeline_config(
-        **{"run.steps": 40, "run.checkpoint_every": 20, "tracking.mlflow_uri": server.uri, "tracking.retry_s": 0.5}
+        **{"run.steps": 40, "run.checkpoint_every": 10, "tracking.mlflow_uri": server.uri, "tracking.retry_s": 0.5}
     )
     storage = tmp_path / "runs"
     outage: list[float] = []
@@ -617,7 +630,15 @@ def test_tracking_server_that_goes_away_mid_run_loses_no_metric(shards, tmp_path
             return max(_logged_steps(storage / "outage", "loss"), default=0)
         return 0
 
-    thread = threading.Thread(target=_outage, args=(server, lambda: logged() >= 2, outage), daemon=True)
+    def two_checkpoints_since() -> bool:  # so at least checkpoint_every steps were taken while it was away
+        written = []
+        for meta in (storage / "outage").glob("checkpoint_*/state/meta.json"):
+            with contextlib.suppress(OSError):  # one rotated out meanwhile
+                written.append(meta.stat().st_mtime > outage[0])
+        return sum(written) >= 2
+
+    back = {"back": two_checkpoints_since}
+    thread = threading.Thread(target=_outage, args=(server, lambda: logged() >= 2, outage), kwargs=back, daemon=True)
     warned_before = _worker_log_lines("tracking server unreachable")
     try:
         thread.start()
