@@ -176,15 +176,17 @@ def train_loop_per_worker(config: dict) -> None:
             copy_stream.synchronize()  # in this thread: the training stream then finds the batch on the device
         return tensors, batch["modality"], counts, batches.epochs(), {k: batch[k] for k in ("row_key", PASS)}
 
-    # The next batch is assembled while a step runs; it fetches exactly the loop's steps, so its thread ends with it.
-    prefetch = Prefetcher(load, state.step, cfg.run.steps)
-
     monitor = None
     if rank == 0 and config["monitor"]["tasks"]:
         monitor = _knn_monitor(config["monitor"], cfg, state, bool(restored), config["normalization"])
         tracker.log({"monitor_setup_s": monitor.setup_s}, state.step)
         if not restored:  # every curve starts at the initial weights (a resumed run has logged them)
             tracker.log(monitor(state.teacher.backbone), 0)
+
+    # The next batch is assembled while a step runs; it fetches exactly the loop's steps, so its thread ends with it.
+    # It starts after the step-0 monitor: on a few cores the data pipeline's start would run inside that call and
+    # double its ``monitor_s``, though the run would wait for the pipeline in its first step just the same.
+    prefetch = Prefetcher(load, state.step, cfg.run.steps)
 
     while state.step < cfg.run.steps:
         started = time.perf_counter()
