@@ -659,9 +659,10 @@ def test_tracking_server_that_goes_away_mid_run_loses_no_metric(shards, tmp_path
 
 
 def test_tracking_server_that_goes_away_mid_sweep_loses_no_trial(fresh_ray, tmp_path, caplog):
-    """The same outage during a probe job's Tune sweep: once the first trial's run is in, the server is killed
-    for 10 s. The sweep goes on, the trials' runs and metrics arrive once it is back, and the job's results and
-    status are recorded."""
+    """The same outage during a probe job's Tune sweep: once the first trial's run is in, the server is killed,
+    and started again once the sweep's trials are all done, so that their results and ends all wait for it. The
+    sweep goes on, the trials' runs, metrics and ends arrive once it is back (and no stray run), and the job's
+    results and status are recorded."""
     from ingest.config import parse_config
     from mermed.models import build_backbone, export_encoder
     from mermed.probe.config import ProbeConfig
@@ -699,15 +700,22 @@ def test_tracking_server_that_goes_away_mid_sweep_loses_no_trial(fresh_ray, tmp_
             return client.search_runs([experiment.experiment_id], "tags.trial_name != ''")
         return []
 
-    thread = threading.Thread(target=_outage, args=(server, lambda: bool(trial_runs()), outage), daemon=True)
+    def sweep_done() -> bool:  # the sweep's closing progress line, logged before its tracking calls are sent
+        return any(r.getMessage().startswith("sweep: 4/4 trials") for r in list(caplog.records))
+
+    back = {"back": sweep_done}
+    thread = threading.Thread(
+        target=_outage, args=(server, lambda: bool(trial_runs()), outage), kwargs=back, daemon=True
+    )
     try:
         thread.start()
-        with caplog.at_level("WARNING", logger="mermed"):
+        with caplog.at_level("INFO", logger="mermed"):
             result = run_probe(encoder, tasks, tmp_path / "out", cfg, baselines=[])
         thread.join()
         client = mlflow.MlflowClient(server.uri)
         parent = client.get_run(result.parent_run_id)
         trials = trial_runs()
+        every_run = client.search_runs([parent.info.experiment_id])
     finally:
         server.stop()
     assert len(outage) == 2, "the job ended before the server could be stopped"
@@ -715,6 +723,8 @@ def test_tracking_server_that_goes_away_mid_sweep_loses_no_trial(fresh_ray, tmp_
     assert any(k.endswith(".test_auroc") for k in parent.data.metrics)
     assert len(trials) == 4 and all(t.info.status == "FINISHED" and "val_auroc" in t.data.metrics for t in trials)
     assert all(t.data.tags["mlflow.parentRunId"] == result.parent_run_id for t in trials)
+    assert all(t.data.params["cell"] == "bright-pretrained-f1-s0" for t in trials)
+    assert len(every_run) == 1 + len(trials), [r.info.run_name for r in every_run]
     warnings = [r.getMessage() for r in caplog.records]
     assert sum("tracking server unreachable" in w for w in warnings) == 1, warnings
     assert sum("tracking server back" in w for w in warnings) == 1, warnings
@@ -843,3 +853,42 @@ def test_checkpoints_and_inputs_are_never_unpickled():
     assert len(sources) > 10
     unsafe = {str(p.relative_to(ROOT)): found for p in sources if (found := _unsafe_loads(p.read_text()))}
     assert not unsafe
+
+
+def test_trial_end_while_tracking_server_is_away_is_sent_once_it_is_back(tmp_path, caplog):
+    """The sweep's logger against a real server that is killed between a trial's last result and its end: the end
+    waits and is sent once the server is back, so the trial's run is FINISHED, not left RUNNING. (Ray's own
+    ``end_run`` takes an unreachable server for a missing run and silently ends none.)"""
+    from ray.tune.experiment import Trial
+
+    from mermed.config import TrackingConfig
+    from mermed.probe.sweep import mlflow_logger
+
+    server = _TrackingServer(tmp_path)
+    server.start()
+    tracking = TrackingConfig(mlflow_uri=server.uri, retry_s=0.5)
+    logger = mlflow_logger(
+        {"cell-a": {"task": "a"}}, tracking, tracking_uri=server.uri, experiment_name="away", save_artifact=False
+    )
+    trial = Trial("probe_trial", config={"cell": "cell-a", "heads": [{"lr": 0.01}]}, stub=True)
+    try:
+        logger.setup()
+        logger.log_trial_start(trial)
+        logger.log_trial_result(1, trial, {"training_iteration": 1, "val_auroc": 0.75})
+        server.stop()
+        with caplog.at_level("WARNING", logger="mermed"):
+            logger.log_trial_end(trial)
+            server.start()
+            logger.on_experiment_end([trial])
+        client = mlflow.MlflowClient(server.uri)
+        experiment = client.get_experiment_by_name("away")
+        runs = client.search_runs([experiment.experiment_id])
+    finally:
+        server.stop()
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val_auroc"] == 0.75 and run.data.tags["task"] == "a"
+    assert run.data.params["cell"] == "cell-a"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("tracking server unreachable" in w for w in warnings) == 1, warnings

@@ -121,8 +121,10 @@ def heads_per_trial(cfg: ProbeConfig, n_cells: int, cpus: float) -> int:
 
 
 def mlflow_logger(cell_tags: dict[str, dict[str, str]], tracking: TrackingConfig, **kwargs: Any):
-    """Ray's ``MLflowLoggerCallback(**kwargs)``, with each trial's nested run also tagged with its cell's tags
-    (task, encoder, fraction, label subset): one Tune experiment holds every cell of the job.
+    """Ray's ``MLflowLoggerCallback(**kwargs)`` (its set-up of the experiment), with each trial's nested run also
+    tagged with its cell's tags (task, encoder, fraction, label subset): one Tune experiment holds every cell of
+    the job. A trial's start, results and end go through MLflow's client, each call one request that raises when
+    the server is away.
 
     A tracking server that goes away does not stop the sweep: the calls it cannot take are kept, in order, and
     sent again (every ``tracking.retry_s``, at the next Tune event) once it is back, with one warning each way;
@@ -137,13 +139,30 @@ def mlflow_logger(cell_tags: dict[str, dict[str, str]], tracking: TrackingConfig
             self._down_since: float | None = None
             self._next_try = 0.0
 
-        def _tagged_start(self, trial) -> None:
-            common = dict(self.tags)
-            self.tags = {**common, **cell_tags[trial.config["cell"]]}
-            try:
-                super().log_trial_start(trial)
-            finally:
-                self.tags = common
+        def _client(self):
+            import mlflow
+
+            return mlflow.MlflowClient(self.tracking_uri)
+
+        def _start(self, trial) -> None:
+            """The trial's nested run, tagged with its cell's tags, and its config as params.
+
+            Through the client, not Ray's ``mlflow_util``: that one takes a server it cannot reach for a run that
+            does not exist and falls back to MLflow's active run (ending none, or logging to a new one), so a
+            call made during an outage would seem to succeed."""
+            from mlflow.entities import Param
+            from ray.tune.utils import flatten_dict
+
+            client = self._client()
+            if trial not in self._trial_runs:
+                tags = {**self.tags, **cell_tags[trial.config["cell"]], "trial_name": str(trial)}
+                run = client.create_run(self.mlflow_util.experiment_id, run_name=str(trial), tags=tags)
+                self._trial_runs[trial] = run.info.run_id
+            params = [Param(k, str(v)) for k, v in flatten_dict(trial.config).items()]
+            client.log_batch(self._trial_runs[trial], params=params)  # the same values again on a retry
+
+        def _end(self, trial, failed: bool) -> None:
+            self._client().set_terminated(self._trial_runs[trial], "FAILED" if failed else "FINISHED")
 
         def _send(self) -> None:
             """Send the kept calls in order; raises what stopped them (the server being away)."""
@@ -172,11 +191,10 @@ def mlflow_logger(cell_tags: dict[str, dict[str, str]], tracking: TrackingConfig
                 self._next_try = time.monotonic() + tracking.retry_s
 
         def log_trial_start(self, trial) -> None:
-            self._call(self._tagged_start, trial)
+            self._call(self._start, trial)
 
         def _log_result(self, trial, result: dict) -> None:
             """A result's numbers in one ``log_batch``: all or nothing, so that a retry logs no metric twice."""
-            import mlflow
             from ray.tune.utils import flatten_dict
 
             numbers = {
@@ -185,13 +203,13 @@ def mlflow_logger(cell_tags: dict[str, dict[str, str]], tracking: TrackingConfig
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
             metrics = metric_batch(numbers, int(result["training_iteration"]))
-            mlflow.MlflowClient(self.tracking_uri).log_batch(self._trial_runs[trial], metrics=metrics)
+            self._client().log_batch(self._trial_runs[trial], metrics=metrics)
 
         def log_trial_result(self, iteration: int, trial, result: dict) -> None:
             self._call(self._log_result, trial, dict(result))
 
         def log_trial_end(self, trial, failed: bool = False) -> None:
-            self._call(super().log_trial_end, trial, failed)
+            self._call(self._end, trial, failed)
 
         def on_experiment_end(self, trials, **info) -> None:
             when_reachable(self._send, "the sweep's trial runs", tracking, warned=self._down_since is not None)
@@ -273,7 +291,8 @@ def run_sweeps(
         run_config=tune.RunConfig(
             name=name,
             storage_path=str(storage_path.resolve()),
-            callbacks=[*callbacks, _trial_progress(len(cells) * math.ceil(cfg.trials / per_trial))],
+            # progress first: its closing line comes when the trials are done, not after a tracking outage
+            callbacks=[_trial_progress(len(cells) * math.ceil(cfg.trials / per_trial)), *callbacks],
             verbose=0,
         ),
     )
